@@ -1,0 +1,65 @@
+# snvbert — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# faiss-gpu when a GPU answers nvidia-smi, faiss-cpu otherwise; `make install FAISS=cpu|gpu` overrides.
+FAISS ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(FAISS)
+APT_TOOLS := bcftools tabix
+PYTEST_ARGS ?=
+
+.PHONY: help install tools demo test test-slow bench bench-accuracy lint clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
+
+install: $(STAMP) tools ## Create .venv with torch (CPU build unless a GPU is found), faiss and snvbert
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	@if [ "$(FAISS)" = gpu ]; then other=faiss-cpu; else other=faiss-gpu-cu12; fi; \
+	  $(PIP) uninstall -q -y $$other faiss-gpu faiss-cpu >/dev/null 2>&1 || true
+	$(PIP) install -q -e ".[faiss-$(FAISS),sweep,dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+tools: ## Install the htslib tools (bcftools, tabix/bgzip) from Debian if missing
+	@missing=""; for t in bcftools bgzip tabix; do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $(APT_TOOLS) from Debian"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_TOOLS) >/dev/null; \
+	fi
+
+demo: install ## Simulate a small panel, train `small` on CPU, impute the array and score it
+	$(PY) -m snvbert.demo
+
+test: install ## Run the test suite (fast tests; slow ones: make test-slow)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install ## Run the slow end-to-end tests
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: install ## Quick benchmarks: ingest, retrieval, dataloader, training throughput (outputs/bench/)
+	$(PY) -m snvbert.bench
+
+bench-accuracy: install ## Long run: snvbert vs Beagle 5.4 vs Minimac4 on a simulated 5 Mb panel
+	@command -v beagle >/dev/null && command -v minimac4 >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq beagle minimac4 >/dev/null; }
+	$(PY) -m snvbert.bench.accuracy
+
+lint: install ## Ruff lint and format check
+	$(VENV)/bin/ruff check snvbert tests
+	$(VENV)/bin/ruff format --check snvbert tests
+
+clean: ## Remove the venv, caches and outputs
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache .snvbert_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
