@@ -1,0 +1,432 @@
+"""``SNVDataModule``: the VCF cache, person-level splits, windows, masks and retrieval.
+
+How the epoch reaches the masks, in worker processes too. The DataLoader's sampler yields
+*batch descriptors* ``(stream, epoch, level, window, persons)`` and the dataset builds a whole
+batch from one descriptor. Lightning calls ``sampler.set_epoch(e)`` before each training epoch
+(and before the hook ``on_train_epoch_start``), and the sampler runs in the main process, so the
+epoch travels to the workers inside each descriptor: persistent workers, fresh workers and
+epoch 0 all see the same mask, the pure function of that epoch. No attribute is ever set on a
+dataset copy living in a worker. :class:`snvbert.callbacks.MaskEpochs` checks this at each epoch
+start and steps the curriculum at each epoch end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from snvbert.data import masks as M
+from snvbert.data.batch import MASK, PAD
+from snvbert.data.curriculum import Curriculum
+from snvbert.data.retrieval import Retriever, neighbour_features, tie_jitter
+from snvbert.data.windows import Window, make_windows, split_people
+from snvbert.errors import SnvbertError
+
+log = logging.getLogger(__name__)
+
+Descriptor = tuple[int, int, int, int, tuple[int, ...]]  # stream, epoch, level, window, persons
+
+
+class WindowBatchSampler(Sampler[Descriptor]):
+    """Batches of people from one window, in a seeded order that changes with the epoch.
+
+    ``fixed_epoch`` pins the epoch (fixed validation masks); otherwise ``set_epoch`` sets it.
+    Under DDP each rank takes every ``world_size``-th batch; masks are keyed on
+    (epoch, window, haplotype), so they are the same whatever the rank or world size.
+    """
+
+    def __init__(
+        self,
+        n_windows: int,
+        persons: np.ndarray,
+        batch_persons: int,
+        *,
+        seed: int,
+        stream: int,
+        shuffle: bool,
+        level: Callable[[], int],
+        fixed_epoch: int | None = None,
+    ) -> None:
+        self.n_windows, self.persons = n_windows, np.asarray(persons, dtype=np.int64)
+        self.batch_persons = max(1, int(batch_persons))
+        self.seed, self.stream, self.shuffle = seed, stream, shuffle
+        self.level, self.fixed_epoch = level, fixed_epoch
+        self.epoch = 0  # __iter__ runs once before Lightning's first set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def mask_epoch(self) -> int:
+        return self.epoch if self.fixed_epoch is None else self.fixed_epoch
+
+    def _rank_world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def descriptors(self) -> list[Descriptor]:
+        epoch, level = self.mask_epoch, self.level()
+        # Order only: shuffling uses the sampler epoch even when the masks are fixed.
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.stream, self.epoch, 0x5A3])
+        n_chunks = math.ceil(len(self.persons) / self.batch_persons)
+        out: list[Descriptor] = []
+        for w in range(self.n_windows):
+            people = rng.permutation(self.persons) if self.shuffle else self.persons
+            for chunk in np.array_split(people, n_chunks):
+                out.append((self.stream, epoch, level, w, tuple(int(p) for p in chunk)))
+        order = rng.permutation(len(out)) if self.shuffle else _spread(len(out), self.seed)
+        out = [out[i] for i in order]
+        rank, world = self._rank_world()
+        if world > 1:
+            per_rank = math.ceil(len(out) / world)
+            out = (out * 2)[: per_rank * world][rank::world]
+        return out
+
+    def __iter__(self):
+        return iter(self.descriptors())
+
+    def __len__(self) -> int:
+        n = self.n_windows * math.ceil(len(self.persons) / self.batch_persons)
+        return math.ceil(n / self._rank_world()[1])
+
+
+def _spread(n: int, seed: int) -> np.ndarray:
+    """A fixed permutation, so a validation run limited to its first batches still spans the chromosome."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, 0x0DE]).permutation(n)
+
+
+class PanelWindows(Dataset):
+    """Builds one batch per descriptor: query haplotypes of the panel's own people, masked.
+
+    Queries come from the cache (the true alleles are the labels); the retrieval panel is the
+    training people's haplotypes over the window's context; allele frequencies come from the
+    training people only.
+    """
+
+    def __init__(
+        self,
+        haplotypes: np.ndarray,
+        pos: np.ndarray,
+        af: np.ndarray,
+        windows: Sequence[Window],
+        panel_persons: np.ndarray,
+        levels: Sequence[M.MaskLevel],
+        *,
+        seed: int,
+        length: int,
+    ) -> None:
+        self.haplotypes, self.pos, self.af = haplotypes, pos, af
+        self.maf = np.minimum(af, 1.0 - af)
+        self.windows, self.levels = list(windows), list(levels)
+        self.panel_persons = np.asarray(panel_persons, dtype=np.int64)
+        self.panel_haps = np.stack([2 * self.panel_persons, 2 * self.panel_persons + 1], 1).ravel()
+        self.seed, self.length = seed, length
+
+    def __len__(self) -> int:  # batches are addressed by descriptor, not by position
+        return len(self.windows)
+
+    def hidden_and_errors(
+        self, stream: int, epoch: int, level_index: int, window: Window, haps: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The mask and the genotype-error flips over the window's context, per haplotype."""
+        level = self.levels[level_index]
+        ctx = slice(window.ctx_start, window.ctx_end)
+        typed = None
+        if level.strategy == "array":
+            typed = M.chip_sites(
+                self.pos, self.maf, seed=self.seed, stream=stream, epoch=epoch,
+                spacing_bp=level.spacing_bp, min_maf=level.min_maf,
+            )[ctx]
+        key = {"seed": self.seed, "stream": stream, "epoch": epoch, "window": window.index}
+        n_ctx = window.ctx_end - window.ctx_start
+        hidden = np.stack([
+            M.draw_mask(level, **key, hap=int(h), level_index=level_index,
+                        maf=self.maf[ctx], typed=typed)
+            for h in haps
+        ])
+        errors = np.stack([M.genotype_errors(level, **key, hap=int(h), n=n_ctx) for h in haps])
+        return hidden, errors & ~hidden
+
+    def __getitem__(self, desc: Descriptor) -> dict[str, Tensor]:
+        stream, epoch, level_index, w, persons = desc
+        window = self.windows[w]
+        people = np.asarray(persons, dtype=np.int64)
+        haps = np.stack([2 * people, 2 * people + 1], 1).ravel()  # rows 2i, 2i+1: one person
+        ctx_rows = np.asarray(self.haplotypes[window.ctx_start : window.ctx_end])  # (C, n_haps)
+        truth_ctx = ctx_rows[:, haps].T.astype(np.int8)  # (B, C)
+        hidden, errors = self.hidden_and_errors(stream, epoch, level_index, window, haps)
+        observed = np.where(errors, 1 - truth_ctx, truth_ctx)
+        batch = assemble_batch(
+            window, self.length, truth_ctx, observed, hidden,
+            pos=self.pos, af=self.af, haps=haps, persons=np.repeat(people, 2),
+        )
+        batch.update(panel_inputs(ctx_rows, self.panel_haps, self.panel_persons, window,
+                                  seed=self.seed, stream=stream, epoch=epoch))
+        # The mask key travels with the batch, so checks can recompute the mask it was drawn from.
+        batch["mask_epoch"] = torch.full((len(haps),), epoch, dtype=torch.long)
+        batch["mask_level"] = torch.full((len(haps),), level_index, dtype=torch.long)
+        batch["mask_stream"] = torch.full((len(haps),), stream, dtype=torch.long)
+        return batch
+
+
+def assemble_batch(
+    window: Window,
+    length: int,
+    truth_ctx: np.ndarray,
+    observed_ctx: np.ndarray,
+    hidden_ctx: np.ndarray,
+    *,
+    pos: np.ndarray,
+    af: np.ndarray,
+    haps: np.ndarray,
+    persons: np.ndarray,
+) -> dict[str, Tensor]:
+    """The query side of a batch (see :mod:`snvbert.data.batch`) from context-wide arrays.
+
+    truth_ctx, observed_ctx (B, C) int8 alleles 0/1 (observed may carry genotype errors, and is
+    ignored where hidden); hidden_ctx (B, C) bool.
+    """
+    b = truth_ctx.shape[0]
+    off, n = window.start - window.ctx_start, window.length
+    win = slice(off, off + n)
+    tokens = np.full((b, length), PAD, dtype=np.int64)
+    tokens[:, :n] = np.where(hidden_ctx[:, win], MASK, observed_ctx[:, win])
+    alleles = np.zeros((b, length), dtype=np.int64)
+    alleles[:, :n] = truth_ctx[:, win]
+    mask = np.zeros((b, length), dtype=bool)
+    mask[:, :n] = hidden_ctx[:, win]
+    pad = np.ones((b, length), dtype=bool)
+    pad[:, :n] = False
+    sites = np.full(length, -1, dtype=np.int64)
+    sites[:n] = np.arange(window.start, window.end)
+    core = (sites >= window.core_start) & (sites < window.core_end)
+    site_af = np.zeros(length, dtype=np.float32)
+    site_af[:n] = af[window.start : window.end]
+    site_pos = np.zeros(length, dtype=np.int64)
+    site_pos[:n] = pos[window.start : window.end]
+    query_ctx = np.where(hidden_ctx, 0, 2 * observed_ctx.astype(np.int8) - 1).astype(np.int8)
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "alleles": torch.from_numpy(alleles),
+        "mask": torch.from_numpy(mask),
+        "pad": torch.from_numpy(pad),
+        "af": torch.from_numpy(np.broadcast_to(site_af, (b, length)).copy()),
+        "pos": torch.from_numpy(np.broadcast_to(site_pos, (b, length)).copy()),
+        "site": torch.from_numpy(np.broadcast_to(sites, (b, length)).copy()),
+        "core": torch.from_numpy(np.broadcast_to(core, (b, length)).copy()),
+        "hap": torch.from_numpy(np.asarray(haps, dtype=np.int64)),
+        "person": torch.from_numpy(np.asarray(persons, dtype=np.int64)),
+        "window": torch.full((b,), window.index, dtype=torch.long),
+        "query_ctx": torch.from_numpy(query_ctx),
+        "win_offset": torch.tensor([off], dtype=torch.long),
+        "win_len": torch.tensor([n], dtype=torch.long),
+    }
+
+
+def panel_inputs(
+    ctx_rows: np.ndarray,
+    panel_haps: np.ndarray,
+    panel_persons: np.ndarray,
+    window: Window,
+    *,
+    seed: int,
+    stream: int,
+    epoch: int,
+) -> dict[str, Tensor]:
+    """The retrieval panel's side of a batch: its haplotypes over the context, as +-1."""
+    panel_ctx = (2 * ctx_rows[:, panel_haps].T.astype(np.int8) - 1).astype(np.int8)  # (N, C)
+    jitter = tie_jitter(len(panel_haps), seed=seed, stream=stream, epoch=epoch, window=window.index)
+    return {
+        "panel_ctx": torch.from_numpy(np.ascontiguousarray(panel_ctx)),
+        "panel_hap": torch.from_numpy(panel_haps.astype(np.int64)),
+        "panel_person": torch.from_numpy(np.repeat(panel_persons, 2).astype(np.int64)),
+        "jitter": torch.from_numpy(jitter),
+    }
+
+
+def retrieve(batch: dict[str, Tensor], retriever: Retriever) -> dict[str, Tensor]:
+    """Replace the panel inputs of a batch by its K neighbours and their per-site features.
+
+    Runs on the batch's device. A query never retrieves a haplotype of its own person.
+    """
+    query = batch.pop("query_ctx")
+    panel = batch.pop("panel_ctx")
+    panel_hap = batch.pop("panel_hap")
+    panel_person = batch.pop("panel_person")
+    jitter = batch.pop("jitter")
+    off, n = int(batch.pop("win_offset")[0]), int(batch.pop("win_len")[0])
+    exclude = batch["person"][:, None] == panel_person[None, :]
+    scores, idx, valid = retriever.search(query.float(), panel.float(), jitter, exclude)
+    alleles, left, right = neighbour_features(query, panel, idx, off, n, batch["tokens"].shape[1])
+    keep = valid[:, :, None].float()
+    batch.update(
+        nbr_hap=torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
+        nbr_valid=valid,
+        nbr_score=scores,
+        nbr_alleles=alleles * keep,
+        nbr_left=left * keep,
+        nbr_right=right * keep,
+    )
+    return batch
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class SNVDataModule(L.LightningDataModule):
+    """Panel VCF -> cache -> splits, windows, masks -> batches with retrieved neighbours."""
+
+    def __init__(
+        self,
+        panel: str,
+        cache_dir: str = ".snvbert_cache",
+        chrom: str | None = None,
+        populations: str | None = None,
+        window: dict | None = None,
+        context_bp: int = 250_000,
+        split: dict | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        persistent_workers: bool = False,
+        pin_memory: bool = False,
+        seed: int = 1,
+        val_mask: str = "fixed",
+        curriculum: dict | None = None,
+        retrieval: dict | None = None,
+        simulate: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if val_mask not in ("fixed", "per_epoch"):
+            raise SnvbertError(f"data.val_mask='{val_mask}' must be 'fixed' or 'per_epoch'")
+        self.panel_path, self.cache_dir, self.chrom = panel, cache_dir, chrom
+        self.populations_path = populations
+        self.window_cfg = {"length": 256, "overlap": 64, **(window or {})}
+        self.context_bp = int(context_bp)
+        self.split_cfg = {"fractions": [0.8, 0.1, 0.1], "seed": seed, **(split or {})}
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.pin_memory, self.seed, self.val_mask = pin_memory, int(seed), val_mask
+        cur = {"levels": [{"strategy": "array"}], **(curriculum or {})}
+        levels = [M.MaskLevel(**dict(level)) for level in cur.pop("levels")]
+        self.curriculum = Curriculum(levels, **cur)
+        self.retriever = Retriever(**(retrieval or {}))
+        self.simulate_cfg = simulate
+        self.panel = None
+        self._samplers: dict[str, WindowBatchSampler] = {}
+
+    # -- setup ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Simulate the default panel when it is missing and a simulation is configured."""
+        if Path(self.panel_path).exists() or not self.simulate_cfg:
+            return
+        from snvbert.simulate import simulate
+
+        log.info("panel %s not found: simulating it (%s)", self.panel_path, self.simulate_cfg)
+        simulate(out=Path(self.panel_path).parent, **dict(self.simulate_cfg))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.panel is not None:
+            return
+        from snvbert.data.vcf import load_panel
+
+        if not Path(self.panel_path).exists():
+            raise SnvbertError("panel VCF not found; set data.panel=PATH", path=self.panel_path)
+        pops = self.populations_path
+        if pops is None and (Path(self.panel_path).parent / "populations.tsv").exists():
+            pops = str(Path(self.panel_path).parent / "populations.tsv")
+        self.panel = load_panel(
+            self.panel_path, cache_dir=self.cache_dir, chrom=self.chrom, populations=pops
+        )
+        populations = self.panel.populations
+        self.splits = split_people(
+            self.panel.n_samples, self.split_cfg["fractions"], int(self.split_cfg["seed"]),
+            None if populations is None else list(populations),
+        )
+        self.af = self.panel.alt_freq(self.splits["train"]).astype(np.float64)
+        self.windows = make_windows(
+            self.panel.pos, int(self.window_cfg["length"]), int(self.window_cfg["overlap"]),
+            self.context_bp,
+        )
+        self.length = int(self.window_cfg["length"])
+        self.dataset = PanelWindows(
+            self.panel.haplotypes, self.panel.pos, self.af, self.windows, self.splits["train"],
+            self.curriculum.levels, seed=self.seed, length=self.length,
+        )
+        log.info(
+            "data: %d sites, %d windows of %d (overlap %d), people train/val/test %d/%d/%d",
+            self.panel.n_sites, len(self.windows), self.length, self.window_cfg["overlap"],
+            *(len(self.splits[s]) for s in ("train", "val", "test")),
+        )
+
+    # -- samplers and loaders ------------------------------------------------------------------
+    def sampler(self, split: str) -> WindowBatchSampler:
+        if split not in self._samplers:
+            train = split == "train"
+            final = self.curriculum.final_level
+            self._samplers[split] = WindowBatchSampler(
+                len(self.windows), self.splits[split], self.batch_size, seed=self.seed,
+                stream=M.TRAIN_STREAM if train else M.EVAL_STREAM + ("val", "test").index(split),
+                shuffle=train,
+                # Validation and test always measure the final (array) task.
+                level=(lambda: self.curriculum.level) if train else (lambda: final),
+                fixed_epoch=None if train or (split == "val" and self.val_mask == "per_epoch") else 0,
+            )
+        return self._samplers[split]
+
+    def _loader(self, split: str) -> DataLoader:
+        if len(self.splits[split]) == 0:
+            raise SnvbertError(f"the {split} split has no people; change data.split.fractions")
+        return DataLoader(
+            self.dataset, sampler=self.sampler(split), batch_size=None, collate_fn=_identity,
+            num_workers=self.num_workers, persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict:
+        """Retrieval runs here: after masks are drawn, on the batch's device, one search per batch."""
+        if "query_ctx" in batch:
+            batch = retrieve(batch, self.retriever)
+        return batch
+
+    # -- state that must survive a resume -------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"curriculum": self.curriculum.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curriculum.load_state_dict(state_dict["curriculum"])
+
+    def describe(self) -> dict[str, Any]:
+        """What imputation needs to rebuild the same windows and inputs (saved in checkpoints)."""
+        assert self.panel is not None
+        return {
+            "panel_fingerprint": self.panel.fingerprint,
+            "panel_sites": self.panel.n_sites,
+            "chrom": self.panel.chrom,
+            "window": dict(self.window_cfg),
+            "context_bp": self.context_bp,
+            "train_samples": [self.panel.samples[i] for i in self.splits["train"]],
+            "levels": [asdict(level) for level in self.curriculum.levels],
+            "seed": self.seed,
+        }

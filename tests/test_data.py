@@ -1,0 +1,353 @@
+"""The DataModule: windows, splits, masks, curriculum, retrieval — on simulated panels."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from snvbert.callbacks import MaskEpochs
+from snvbert.data import masks as M
+from snvbert.data.curriculum import Curriculum
+from snvbert.data.datamodule import SNVDataModule, WindowBatchSampler, retrieve
+from snvbert.data.retrieval import Retriever, neighbour_features
+from snvbert.data.windows import make_windows, split_people
+
+LEVELS = [{"strategy": "random", "rate": 0.3}, {"strategy": "array", "spacing_bp": 5000}]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def make_dm(tiny_sim, cache_dir, **overrides) -> SNVDataModule:
+    kw = dict(
+        panel=str(tiny_sim / "panel.vcf.gz"), cache_dir=str(cache_dir),
+        window={"length": 64, "overlap": 16}, context_bp=20_000, batch_size=3, seed=11,
+        curriculum={"levels": LEVELS, "advance": "epochs", "epochs_per_level": 1},
+        retrieval={"k": 16},
+    )
+    kw.update(overrides)
+    dm = SNVDataModule(**kw)
+    dm.setup()
+    return dm
+
+
+# -- windows and splits ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n,length,overlap", [(1000, 64, 16), (64, 64, 8), (30, 64, 8), (513, 100, 0)])
+def test_window_cores_cover_every_site_once(n, length, overlap):
+    pos = np.arange(n) * 100 + 1
+    windows = make_windows(pos, length, overlap, context_bp=1000)
+    counts = np.zeros(n, dtype=int)
+    for w in windows:
+        assert w.start <= w.core_start < w.core_end <= w.end
+        assert w.ctx_start <= w.start and w.end <= w.ctx_end
+        assert w.length == min(length, n)
+        counts[w.core_start : w.core_end] += 1
+    assert (counts == 1).all()
+
+
+def test_split_keeps_people_whole_and_populations_mixed():
+    pops = ["AFR"] * 40 + ["EUR"] * 40 + ["EAS"] * 40
+    splits = split_people(120, [0.8, 0.1, 0.1], seed=3, populations=pops)
+    allp = np.concatenate(list(splits.values()))
+    assert len(allp) == len(set(allp.tolist())) == 120
+    for name, people in splits.items():
+        mix = Counter(pops[i] for i in people)
+        assert len(mix) == 3, (name, mix)
+        assert max(mix.values()) - min(mix.values()) <= 1
+    assert not np.array_equal(splits["val"], split_people(120, [0.8, 0.1, 0.1], 4, pops)["val"])
+
+
+# -- masks --------------------------------------------------------------------------------------------
+def test_masks_are_pure_and_leave_global_state_alone(tiny_sim, cache_dir):
+    dm = make_dm(tiny_sim, cache_dir)
+    np.random.seed(123)
+    state = np.random.get_state()
+    torch_state = torch.random.get_rng_state()
+    ds = dm.dataset
+    a = ds[(0, 2, 1, 3, (1, 2, 5))]
+    for _ in range(5):
+        ds[(0, 2, 0, 4, (1, 2))]
+    b = ds[(0, 2, 1, 3, (5,))]  # same person, another batch composition
+    c = ds[(0, 3, 1, 3, (5,))]  # next epoch
+    after = np.random.get_state()
+    assert all(np.array_equal(x, y) for x, y in zip(state[1:2], after[1:2], strict=True))
+    assert state[2:] == after[2:]
+    assert torch.equal(torch_state, torch.random.get_rng_state())
+    assert torch.equal(a["mask"][4:6], b["mask"]) and torch.equal(a["tokens"][4:6], b["tokens"])
+    assert not torch.equal(b["mask"], c["mask"])
+
+
+def test_array_chip_is_shared_sparse_and_common(tiny_sim, cache_dir):
+    dm = make_dm(tiny_sim, cache_dir)
+    maf = np.minimum(dm.af, 1 - dm.af)
+    chip = M.chip_sites(dm.panel.pos, maf, seed=1, stream=0, epoch=0, spacing_bp=10_000)
+    span = dm.panel.pos[-1] - dm.panel.pos[0]
+    assert abs(chip.sum() - span / 10_000) <= 0.2 * span / 10_000 + 2
+    assert (maf[chip] >= 0.05).all()
+    gaps = np.diff(dm.panel.pos[chip])
+    assert gaps.min() > 0 and np.median(gaps) > 5_000
+    other = M.chip_sites(dm.panel.pos, maf, seed=1, stream=0, epoch=1, spacing_bp=10_000)
+    assert not np.array_equal(chip, other)
+    batch = dm.dataset[(0, 0, 1, 2, (0, 1, 2))]
+    # every haplotype of the batch shares the chip: one hidden pattern
+    assert (batch["mask"] == batch["mask"][0]).all()
+
+
+def test_masks_do_not_look_at_alleles():
+    level = M.MaskLevel("maf", rate=0.2)
+    maf = np.linspace(0.001, 0.5, 500)
+    key = dict(seed=1, stream=0, epoch=0, window=3, hap=7, level_index=0)
+    m1 = M.draw_mask(level, maf=maf, **key)
+    assert 0.12 < m1.mean() < 0.28
+    assert m1[:100].mean() > m1[-100:].mean()  # rarer sites hidden more often
+    assert np.array_equal(m1, M.draw_mask(level, maf=maf, **key))
+
+
+def test_masks_do_not_depend_on_batching_or_rank(tiny_sim, cache_dir, monkeypatch):
+    dm = make_dm(tiny_sim, cache_dir)
+    people = dm.splits["train"]
+
+    def collect(world):
+        got = {}
+        for rank in range(world):
+            sampler = WindowBatchSampler(
+                4, people, 1 + world, seed=5, stream=0, shuffle=True, level=lambda: 1
+            )
+            monkeypatch.setattr(sampler, "_rank_world", lambda r=rank: (r, world))
+            sampler.set_epoch(1)
+            for desc in sampler:
+                batch = dm.dataset[desc]
+                for row, hap in enumerate(batch["hap"].tolist()):
+                    got[(desc[3], hap)] = batch["mask"][row]
+        return got
+
+    one, two = collect(1), collect(2)
+    assert set(one) == set(two) == {(w, h) for w in range(4) for p in people for h in (2 * p, 2 * p + 1)}
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+# -- the epoch reaches the workers ------------------------------------------------------------------
+class MaskProbe(L.LightningModule):
+    """Records the masks the trainer actually receives, train and val."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[str, int, dict]] = []
+
+    def _record(self, split, batch):
+        keep = {k: batch[k].cpu() for k in ("mask", "hap", "window", "mask_epoch", "mask_level",
+                                              "mask_stream", "nbr_hap", "person")}
+        self.seen.append((split, self.current_epoch, keep))
+
+    def training_step(self, batch, batch_idx):
+        self._record("train", batch)
+        return (self.w - 1).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self._record("val", batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def run_probe(dm, epochs=3, train_batches=3, val_batches=2):
+    probe = MaskProbe()
+    trainer = L.Trainer(
+        max_epochs=epochs, limit_train_batches=train_batches, limit_val_batches=val_batches,
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[MaskEpochs()],
+        num_sanity_val_steps=0, use_distributed_sampler=False,
+    )
+    trainer.fit(probe, datamodule=dm)
+    return probe.seen
+
+
+def expected_mask(dm, batch):
+    window = dm.windows[int(batch["window"][0])]
+    hidden, _ = dm.dataset.hidden_and_errors(
+        int(batch["mask_stream"][0]), int(batch["mask_epoch"][0]), int(batch["mask_level"][0]),
+        window, batch["hap"].numpy(),
+    )
+    off = window.start - window.ctx_start
+    return torch.from_numpy(hidden[:, off : off + window.length])
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_worker_masks_follow_the_epoch(tiny_sim, cache_dir, persistent):
+    dm = make_dm(
+        tiny_sim, cache_dir, num_workers=2, persistent_workers=persistent,
+        curriculum={"levels": [{"strategy": "random", "rate": 0.3}]},
+    )
+    seen = run_probe(dm)
+    train = [(e, b) for s, e, b in seen if s == "train"]
+    assert sorted({e for e, _ in train}) == [0, 1, 2]
+    for epoch, batch in train:
+        assert (batch["mask_epoch"] == epoch).all()
+        n = dm.windows[int(batch["window"][0])].length
+        assert torch.equal(batch["mask"][:, :n], expected_mask(dm, batch))
+    # the same (window, haplotype) gets a different mask in each epoch
+    by_item: dict = {}
+    for epoch, batch in train:
+        for row, hap in enumerate(batch["hap"].tolist()):
+            by_item.setdefault((int(batch["window"][0]), hap), {})[epoch] = batch["mask"][row]
+    repeated = [v for v in by_item.values() if len(v) > 1]
+    for masks_by_epoch in repeated:
+        values = list(masks_by_epoch.values())
+        assert not all(torch.equal(values[0], v) for v in values[1:])
+    val = [(e, b) for s, e, b in seen if s == "val"]
+    first = [b for e, b in val if e == 0]
+    for epoch in (1, 2):
+        later = [b for e, b in val if e == epoch]
+        assert len(later) == len(first)
+        for a, b in zip(first, later, strict=True):
+            assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["hap"], b["hap"])
+
+
+def test_per_epoch_validation_masks_change(tiny_sim, cache_dir):
+    dm = make_dm(tiny_sim, cache_dir, val_mask="per_epoch",
+                 curriculum={"levels": [{"strategy": "random", "rate": 0.3}]})
+    seen = run_probe(dm, epochs=2, train_batches=1, val_batches=1)
+    val = [b for s, e, b in seen if s == "val"]
+    assert len(val) == 2
+    assert not torch.equal(val[0]["mask"], val[1]["mask"])
+
+
+def test_curriculum_advances_and_validation_uses_final_level(tiny_sim, cache_dir):
+    dm = make_dm(tiny_sim, cache_dir)
+    seen = run_probe(dm, epochs=3, train_batches=2, val_batches=1)
+    levels = {e: int(b["mask_level"][0]) for s, e, b in seen if s == "train"}
+    assert levels == {0: 0, 1: 1, 2: 1}
+    assert all(int(b["mask_level"][0]) == 1 for s, e, b in seen if s == "val")
+    state = dm.state_dict()
+    fresh = make_dm(tiny_sim, cache_dir)
+    fresh.load_state_dict(state)
+    assert fresh.curriculum.level == 1 and fresh.curriculum.is_final
+
+
+def test_curriculum_plateau():
+    levels = [M.MaskLevel("random", 0.1), M.MaskLevel("random", 0.3), M.MaskLevel("array")]
+    c = Curriculum(levels, advance="plateau", patience=2, min_delta=0.01)
+    assert not c.step(1.0) and not c.step(0.9) and not c.step(0.895)
+    assert c.step(0.899) and c.level == 1
+    assert [c.step(0.5), c.step(0.5), c.step(0.5)] == [False, False, True]
+    assert c.is_final and not c.step(0.1) and c.level == 2
+
+
+# -- retrieval -----------------------------------------------------------------------------------------
+def brute_force_scores(query, panel):
+    observed = query != 0
+    agree = ((panel[None, :, :] == query[:, None, :]) & observed[:, None, :]).sum(-1)
+    disagree = ((panel[None, :, :] != query[:, None, :]) & observed[:, None, :]).sum(-1)
+    return agree - disagree
+
+
+@pytest.mark.parametrize("engine", ["torch", "faiss"])
+def test_retrieval_equals_brute_force_masked_hamming(engine):
+    rng = np.random.default_rng(0)
+    panel = rng.choice([-1, 1], size=(300, 80)).astype(np.int8)
+    query = rng.choice([-1, 1], size=(12, 80)).astype(np.int8)
+    query[rng.random(query.shape) < 0.6] = 0
+    exclude = np.zeros((12, 300), dtype=bool)
+    exclude[np.arange(12), np.arange(12)] = True
+    jitter = torch.from_numpy(rng.random(300).astype(np.float32) * 0.5)
+    scores, idx, valid = Retriever(k=25, engine=engine).search(
+        torch.from_numpy(query).float(), torch.from_numpy(panel).float(), jitter, torch.from_numpy(exclude)
+    )
+    truth = brute_force_scores(query, panel)
+    truth[exclude] = -10**6
+    for q in range(12):
+        assert valid[q].all()
+        got = truth[q, idx[q].numpy()]
+        assert np.array_equal(got, scores[q].numpy().astype(int))
+        assert np.array_equal(np.sort(got)[::-1], np.sort(truth[q])[::-1][:25])  # tie-aware
+        assert q not in idx[q].tolist()
+
+
+def test_approximate_indexes_find_most_neighbours():
+    rng = np.random.default_rng(1)
+    panel = rng.choice([-1, 1], size=(500, 64)).astype(np.float32)
+    query = torch.from_numpy(panel[:20].copy())
+    query[:, ::2] = 0
+    jitter = torch.zeros(500)
+    exact = Retriever(k=10).search(query, torch.from_numpy(panel), jitter)[1]
+    for index in ("ivf", "hnsw"):
+        approx = Retriever(k=10, engine="faiss", index=index, nlist=8, nprobe=8).search(
+            query, torch.from_numpy(panel), jitter)[1]
+        recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(approx, exact, strict=True)])
+        assert recall >= 0.7, (index, recall)
+
+
+def test_ties_are_broken_by_seed_not_panel_index():
+    panel = torch.ones(200, 30)  # all identical: every panel haplotype ties
+    query = torch.ones(1, 30)
+    picks = []
+    from snvbert.data.retrieval import tie_jitter
+    for window in range(20):
+        jitter = torch.from_numpy(tie_jitter(200, seed=1, stream=0, epoch=0, window=window))
+        picks += Retriever(k=10).search(query, panel, jitter)[1][0].tolist()
+    assert 60 < np.mean(picks) < 140  # index order would give a mean of 4.5
+    again = torch.from_numpy(tie_jitter(200, seed=1, stream=0, epoch=0, window=0))
+    assert Retriever(k=10).search(query, panel, again)[1][0].tolist() == picks[:10]
+
+
+def test_neighbour_runs_on_a_planted_pattern():
+    # Context of 10 sites, window = columns 3..7. Query observes sites 0,2,4,6,8,9.
+    query = torch.tensor([[1, 0, -1, 0, 1, 0, 1, 0, -1, 1]], dtype=torch.int8)
+    panel = torch.tensor([
+        [1, 1, -1, 1, 1, -1, 1, 1, -1, 1],    # agrees everywhere observed
+        [1, 1, 1, 1, 1, -1, 1, 1, -1, 1],     # disagrees at site 2
+        [1, 1, -1, 1, 1, -1, -1, 1, -1, 1],   # disagrees at site 6
+    ], dtype=torch.int8)
+    idx = torch.tensor([[0, 1, 2]])
+    alleles, left, right = neighbour_features(query, panel, idx, 3, 5, 6)
+    assert alleles.shape == (1, 3, 6)
+    assert alleles[0, 0, :5].tolist() == [1, 1, 0, 1, 1] and alleles[0, 0, 5] == 0
+    # window sites are context columns 3,4,5,6,7
+    assert left[0, 0, :5].tolist() == [2, 2, 3, 3, 4]
+    assert right[0, 0, :5].tolist() == [4, 3, 3, 2, 2]
+    assert left[0, 1, :5].tolist() == [0, 0, 1, 1, 2]
+    assert left[0, 2, :5].tolist() == [2, 2, 3, 3, 0]
+    assert right[0, 2, :5].tolist() == [1, 0, 0, 2, 2]
+
+
+def test_no_self_or_same_person_retrieval_and_site_alignment(tiny_sim, cache_dir):
+    dm = make_dm(tiny_sim, cache_dir, curriculum={"levels": LEVELS})
+    train_people = set(dm.splits["train"].tolist())
+    sampler = dm.sampler("train")
+    n_checked = 0
+    for desc in list(sampler)[:: max(1, len(sampler) // 40)]:
+        batch = retrieve(dm.dataset[desc], dm.retriever)
+        nbr_person = batch["nbr_hap"] // 2
+        assert (nbr_person != batch["person"][:, None]).all()
+        assert set(nbr_person[batch["nbr_valid"]].tolist()) <= train_people
+        # site alignment: neighbour alleles are the panel's alleles at the window's sites
+        sites = batch["site"][0]
+        real = sites >= 0
+        hap = batch["nbr_hap"][0, 0].item()
+        truth = torch.from_numpy(np.asarray(dm.panel.haplotypes[sites[real].numpy(), hap]).astype(np.float32))
+        assert torch.equal(batch["nbr_alleles"][0, 0, real], truth)
+        n_checked += 1
+    assert n_checked >= 20
+    for split in ("val", "test"):
+        for desc in list(dm.sampler(split))[:5]:
+            batch = retrieve(dm.dataset[desc], dm.retriever)
+            assert set((batch["nbr_hap"] // 2).flatten().tolist()) <= train_people
+            assert not set(batch["person"].tolist()) & train_people
+
+
+def test_neighbours_change_with_the_mask(tiny_sim, cache_dir):
+    dm = make_dm(tiny_sim, cache_dir, curriculum={"levels": [{"strategy": "array", "spacing_bp": 5000}]})
+    a = retrieve(dm.dataset[(0, 0, 0, 2, (3, 4))], dm.retriever)
+    b = retrieve(dm.dataset[(0, 1, 0, 2, (3, 4))], dm.retriever)
+    assert not torch.equal(a["nbr_hap"], b["nbr_hap"])
+    # the best neighbour agrees with the query at the typed sites it retrieved on
+    top = a["nbr_alleles"][:, 0]
+    typed = ~a["mask"] & ~a["pad"]
+    assert (top[typed] == a["alleles"][typed].float()).float().mean() > 0.9
