@@ -40,6 +40,10 @@ def atomic_path(path: str | os.PathLike, *, suffixes: Iterable[str] = ()) -> Ite
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp makes the file private (0600); outputs get the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     suffixes = tuple(suffixes)
     try:
         yield tmp
