@@ -1,0 +1,1 @@
+"""Benchmarks: each module has ``run(out_dir) -> dict`` and writes ``out_dir/<name>.json``."""
