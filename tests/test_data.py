@@ -351,3 +351,19 @@ def test_neighbours_change_with_the_mask(tiny_sim, cache_dir):
     top = a["nbr_alleles"][:, 0]
     typed = ~a["mask"] & ~a["pad"]
     assert (top[typed] == a["alleles"][typed].float()).float().mean() > 0.9
+
+
+def test_training_af_leaves_the_query_person_out(tiny_sim, cache_dir):
+    dm = make_dm(tiny_sim, cache_dir)
+    person = int(dm.splits["train"][0])
+    batch = dm.dataset[(0, 0, 0, 1, (person,))]
+    window = dm.windows[1]
+    sites = np.arange(window.start, window.end)
+    panel_haps = dm.dataset.panel_haps
+    others = panel_haps[(panel_haps // 2) != person]
+    expected = np.asarray(dm.panel.haplotypes[sites][:, others]).mean(1)
+    assert np.allclose(batch["af"][0, : len(sites)].numpy(), expected, atol=1e-6)
+    assert torch.equal(batch["af"][0], batch["af"][1])
+    val_person = int(dm.splits["val"][0])
+    val = dm.dataset[(1, 0, 0, 1, (val_person,))]
+    assert np.allclose(val["af"][0, : len(sites)].numpy(), dm.af[sites], atol=1e-6)

@@ -159,6 +159,26 @@ class PanelWindows(Dataset):
         errors = np.stack([M.genotype_errors(level, **key, hap=int(h), n=n_ctx) for h in haps])
         return hidden, errors & ~hidden
 
+    def leave_one_out_af(self, window: Window, people: np.ndarray, truth_ctx: np.ndarray) -> np.ndarray:
+        """ALT frequency per row (B, window sites) among the panel haplotypes a query may retrieve.
+
+        For a training person that is the panel without their own two haplotypes. Using the full
+        training frequency would leak: at a site whose only carriers are the query's own
+        haplotypes the frequency says "someone carries it" while no neighbour does, and the
+        model would learn that such sites are the query's own — a signal that is absent for
+        validation people and for real targets.
+        """
+        off, n = window.start - window.ctx_start, window.length
+        af = np.broadcast_to(self.af[window.start : window.end], (len(people) * 2, n)).copy()
+        in_panel = np.isin(people, self.panel_persons)
+        if in_panel.any():
+            n_haps = len(self.panel_haps)
+            own = truth_ctx[:, off : off + n].reshape(len(people), 2, n).sum(1)  # (P, n)
+            loo = (af[::2] * n_haps - own) / max(n_haps - 2, 1)
+            rows = np.repeat(in_panel, 2)
+            af[rows] = np.repeat(np.clip(loo[in_panel], 0.0, 1.0), 2, axis=0)
+        return af
+
     def __getitem__(self, desc: Descriptor) -> dict[str, Tensor]:
         stream, epoch, level_index, w, persons = desc
         window = self.windows[w]
@@ -170,7 +190,8 @@ class PanelWindows(Dataset):
         observed = np.where(errors, 1 - truth_ctx, truth_ctx)
         batch = assemble_batch(
             window, self.length, truth_ctx, observed, hidden,
-            pos=self.pos, af=self.af, haps=haps, persons=np.repeat(people, 2),
+            pos=self.pos, af=self.leave_one_out_af(window, people, truth_ctx),
+            haps=haps, persons=np.repeat(people, 2),
         )
         batch.update(panel_inputs(ctx_rows, self.panel_haps, self.panel_persons, window,
                                   seed=self.seed, stream=stream, epoch=epoch))
@@ -196,7 +217,8 @@ def assemble_batch(
     """The query side of a batch (see :mod:`snvbert.data.batch`) from context-wide arrays.
 
     truth_ctx, observed_ctx (B, C) int8 alleles 0/1 (observed may carry genotype errors, and is
-    ignored where hidden); hidden_ctx (B, C) bool.
+    ignored where hidden); hidden_ctx (B, C) bool; af the panel ALT frequency, per site of the
+    panel (n_sites,) or per row over the window (B, window sites).
     """
     b = truth_ctx.shape[0]
     off, n = window.start - window.ctx_start, window.length
@@ -212,8 +234,8 @@ def assemble_batch(
     sites = np.full(length, -1, dtype=np.int64)
     sites[:n] = np.arange(window.start, window.end)
     core = (sites >= window.core_start) & (sites < window.core_end)
-    site_af = np.zeros(length, dtype=np.float32)
-    site_af[:n] = af[window.start : window.end]
+    site_af = np.zeros((b, length), dtype=np.float32)
+    site_af[:, :n] = af[window.start : window.end] if np.ndim(af) == 1 else af
     site_pos = np.zeros(length, dtype=np.int64)
     site_pos[:n] = pos[window.start : window.end]
     query_ctx = np.where(hidden_ctx, 0, 2 * observed_ctx.astype(np.int8) - 1).astype(np.int8)
@@ -222,7 +244,7 @@ def assemble_batch(
         "alleles": torch.from_numpy(alleles),
         "mask": torch.from_numpy(mask),
         "pad": torch.from_numpy(pad),
-        "af": torch.from_numpy(np.broadcast_to(site_af, (b, length)).copy()),
+        "af": torch.from_numpy(site_af),
         "pos": torch.from_numpy(np.broadcast_to(site_pos, (b, length)).copy()),
         "site": torch.from_numpy(np.broadcast_to(sites, (b, length)).copy()),
         "core": torch.from_numpy(np.broadcast_to(core, (b, length)).copy()),
@@ -291,7 +313,9 @@ class SNVDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        panel: str,
+        panel: str | None = None,
+        sim_dir: str | None = None,
+        simulate: dict | None = None,
         cache_dir: str = ".snvbert_cache",
         chrom: str | None = None,
         populations: str | None = None,
@@ -306,12 +330,16 @@ class SNVDataModule(L.LightningDataModule):
         val_mask: str = "fixed",
         curriculum: dict | None = None,
         retrieval: dict | None = None,
-        simulate: dict | None = None,
     ) -> None:
         super().__init__()
         if val_mask not in ("fixed", "per_epoch"):
             raise SnvbertError(f"data.val_mask='{val_mask}' must be 'fixed' or 'per_epoch'")
-        self.panel_path, self.cache_dir, self.chrom = panel, cache_dir, chrom
+        if panel is None and sim_dir is None:
+            raise SnvbertError("set data.panel=PATH (a phased panel VCF) or data.sim_dir")
+        # panel=None means the simulated default panel, made on first use.
+        self.simulate_cfg = dict(simulate or {}) if panel is None else None
+        self.panel_path = str(panel) if panel is not None else str(Path(sim_dir) / "panel.vcf.gz")
+        self.cache_dir, self.chrom = cache_dir, chrom
         self.populations_path = populations
         self.window_cfg = {"length": 256, "overlap": 64, **(window or {})}
         self.context_bp = int(context_bp)
@@ -323,19 +351,18 @@ class SNVDataModule(L.LightningDataModule):
         levels = [M.MaskLevel(**dict(level)) for level in cur.pop("levels")]
         self.curriculum = Curriculum(levels, **cur)
         self.retriever = Retriever(**(retrieval or {}))
-        self.simulate_cfg = simulate
         self.panel = None
         self._samplers: dict[str, WindowBatchSampler] = {}
 
     # -- setup ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Simulate the default panel when it is missing and a simulation is configured."""
-        if Path(self.panel_path).exists() or not self.simulate_cfg:
+        """Simulate the default panel when it is missing (never when a panel path was given)."""
+        if self.simulate_cfg is None or Path(self.panel_path).exists():
             return
         from snvbert.simulate import simulate
 
         log.info("panel %s not found: simulating it (%s)", self.panel_path, self.simulate_cfg)
-        simulate(out=Path(self.panel_path).parent, **dict(self.simulate_cfg))
+        simulate(Path(self.panel_path).parent, **self.simulate_cfg)
 
     def setup(self, stage: str | None = None) -> None:
         if self.panel is not None:
@@ -412,7 +439,11 @@ class SNVDataModule(L.LightningDataModule):
 
     # -- state that must survive a resume -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"curriculum": self.curriculum.state_dict()}
+        """Saved in every checkpoint: the curriculum (for resume) and what imputation needs."""
+        state: dict[str, Any] = {"curriculum": self.curriculum.state_dict()}
+        if self.panel is not None:
+            state["describe"] = self.describe()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.curriculum.load_state_dict(state_dict["curriculum"])
