@@ -1,0 +1,200 @@
+"""SNVBertModule: the LightningModule that trains, validates and predicts with SNVBertNet."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from snvbert.metrics import DosageR2, MaskedMetrics
+from snvbert.model.loss import focal_loss
+from snvbert.model.net import NetConfig, SNVBertNet
+
+log = logging.getLogger(__name__)
+
+
+def scored_sites(batch: Mapping[str, Tensor]) -> Tensor:
+    """Sites that count in metrics: hidden, and in the window's core.
+
+    Windows overlap; counting only core sites scores each (site, haplotype) once, as the
+    stitched imputation output will. The loss still uses every hidden site of the window.
+    """
+    mask = batch["mask"]
+    return mask & batch["core"] if "core" in batch else mask
+
+
+class SNVBertModule(L.LightningModule):
+    """Focal loss on masked sites; F1/accuracy and dosage r² by MAF bin on validation and test.
+
+    Args:
+        net: the network, or its config (a NetConfig or dict, as stored in a checkpoint).
+        optimizer: a partial optimizer (Hydra ``_partial_: true``), called with ``params`` and ``lr``.
+            Needed to train, not to predict.
+        scheduler: a partial from :mod:`snvbert.model.schedule`, called with the optimizer and
+            ``total_steps``; None for a constant lr.
+        lr: the learning rate. It is the lr the optimizer gets, before the schedule's factor.
+            Needed to train; no default, so that no lr is ever chosen in code.
+        focal_gamma, focal_alpha: see :func:`snvbert.model.loss.focal_loss`.
+        compile: wrap the net in ``torch.compile`` at fit start.
+    """
+
+    def __init__(
+        self,
+        net: SNVBertNet | NetConfig | Mapping[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        lr: float | None = None,
+        focal_gamma: float = 2.0,
+        focal_alpha: float | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, SNVBertNet):
+            net = SNVBertNet(net)
+        # Store the net as its plain config, and leave the optimizer and scheduler partials out:
+        # the checkpoint's hparams are then plain values, so `load_from_checkpoint(path)` works
+        # with torch's default weights_only=True loading and rebuilds the same architecture
+        # (strict state-dict load) without Hydra. Training always builds the module from config.
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.hparams["net"] = asdict(net.config)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.net = net
+        self.train_metrics = MaskedMetrics()
+        self.val_metrics = MaskedMetrics()
+        self.val_r2 = DosageR2()
+        self.test_metrics = MaskedMetrics()
+        self.test_r2 = DosageR2()
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self.net(batch)
+
+    def _loss(self, logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        return focal_loss(
+            logits,
+            batch["alleles"],
+            batch["mask"],
+            self.hparams.focal_gamma,
+            self.hparams.focal_alpha,
+        )
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.net(batch)
+        loss = self._loss(out["logits"], batch)
+        B = batch["tokens"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=B)
+        self.log(
+            "train/fusion_entropy",
+            out["fusion_entropy"],
+            on_step=True,
+            on_epoch=False,
+            batch_size=B,
+        )
+        self.train_metrics.update(
+            torch.sigmoid(out["logits"]), batch["alleles"], scored_sites(batch), batch["af"]
+        )
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        for name, value in self.train_metrics.compute().items():
+            self.log(f"train/{name}", value, sync_dist=True)
+        self.train_metrics.reset()
+
+    def _eval_step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
+        out = self.net(batch)
+        loss = self._loss(out["logits"], batch)
+        probs = torch.sigmoid(out["logits"])  # the only sigmoid between logits and metrics
+        B = batch["tokens"].shape[0]
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=B,
+        )
+        self.log(
+            f"{stage}/fusion_entropy",
+            out["fusion_entropy"],
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=B,
+        )
+        metrics, r2 = (
+            (self.val_metrics, self.val_r2) if stage == "val" else (self.test_metrics, self.test_r2)
+        )
+        scored = scored_sites(batch)
+        metrics.update(probs, batch["alleles"], scored, batch["af"])
+        r2.update(probs, batch["alleles"], scored, batch["af"])
+        return loss
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metrics, r2 = (
+            (self.val_metrics, self.val_r2) if stage == "val" else (self.test_metrics, self.test_r2)
+        )
+        values = {**metrics.compute(), **r2.compute()}
+        for name, value in values.items():
+            self.log(
+                f"{stage}/{name}", value.float(), prog_bar=name in ("f1", "r2"), sync_dist=True
+            )
+        metrics.reset()
+        r2.reset()
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(
+        self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
+        """P(alt) per site, with the keys that place it: ``site``, ``hap``, ``core`` (and ``mask``, ``pad``)."""
+        prob = torch.sigmoid(self.net(batch)["logits"])  # (B, L)
+        out = {"prob": prob}
+        out.update({k: batch[k] for k in ("site", "hap", "core", "mask", "pad") if k in batch})
+        return {k: v.detach().cpu() for k, v in out.items()}
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit" and not hasattr(self.net, "_orig_mod"):
+            self.net = torch.compile(self.net)
+
+    def on_fit_start(self) -> None:
+        net = getattr(self.net, "_orig_mod", self.net)
+        n = net.count_parameters()
+        msg = f"SNVBertNet: {n:,} trainable parameters ({n / 1e6:.2f} M)"
+        log.info(msg)
+        if self.trainer.is_global_zero:
+            print(msg, flush=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_factory is None or self.hparams.lr is None:
+            raise ValueError(
+                "SNVBertModule needs `optimizer` and `lr` to train (see conf/train.yaml)"
+            )
+        net: SNVBertNet = getattr(self.net, "_orig_mod", self.net)
+        decay, no_decay = net.decay_split()
+        # The decayed group takes the optimizer config's weight_decay; norms, biases and
+        # embeddings are never decayed (shrinking them towards 0 is not regularisation).
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory(params=groups, lr=self.hparams.lr)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }

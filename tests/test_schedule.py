@@ -1,0 +1,87 @@
+"""The optimizer's lr at chosen steps equals the configured lr times the schedule formula."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from snvbert.model import schedule as S
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "schedule"
+WARMUP, TOTAL = 10, 50
+
+
+def _lrs(build, lr: float, steps: list[int], **kw) -> dict[int, float]:
+    """Run a real AdamW + LambdaLR, record the lr the optimizer holds at each step."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=lr)
+    sched = build(opt, total_steps=TOTAL, warmup_steps=WARMUP, **kw)
+    seen = {}
+    for step in range(max(steps) + 1):
+        if step in steps:
+            seen[step] = opt.param_groups[0]["lr"]
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    return seen
+
+
+@pytest.mark.parametrize("lr", [1e-3, 2.5e-4])
+def test_cosine_lr_at_chosen_steps(lr: float) -> None:
+    kw = {"warmup_start_factor": 0.2, "min_factor": 0.05}
+    steps = [0, WARMUP // 2, WARMUP, TOTAL]
+    seen = _lrs(S.cosine, lr, steps, **kw)
+    assert seen[0] == pytest.approx(0.2 * lr)
+    assert seen[WARMUP // 2] == pytest.approx(0.6 * lr)
+    assert seen[WARMUP] == pytest.approx(lr)
+    assert seen[TOTAL] == pytest.approx(0.05 * lr)
+    for step, got in seen.items():
+        assert got == pytest.approx(
+            S.lr_at("cosine", step, lr, warmup_steps=WARMUP, total_steps=TOTAL, **kw)
+        )
+
+
+@pytest.mark.parametrize("lr", [1e-3, 2.5e-4])
+def test_inverse_sqrt_and_constant(lr: float) -> None:
+    steps = [0, WARMUP // 2, WARMUP, 4 * WARMUP]
+    inv = _lrs(S.inverse_sqrt, lr, steps)
+    assert inv[0] == pytest.approx(0.2 * lr)
+    assert inv[WARMUP] == pytest.approx(lr)
+    assert inv[4 * WARMUP] == pytest.approx(lr * math.sqrt(1 / 4))
+    const = _lrs(S.constant, lr, steps)
+    assert const[WARMUP // 2] == pytest.approx(0.6 * lr)
+    assert const[4 * WARMUP] == pytest.approx(lr)
+    for name, seen in (("inverse_sqrt", inv), ("constant", const)):
+        for step, got in seen.items():
+            assert got == pytest.approx(
+                S.lr_at(name, step, lr, warmup_steps=WARMUP, total_steps=TOTAL)
+            )
+
+
+@pytest.mark.parametrize("name", ["cosine", "inverse_sqrt", "constant"])
+def test_schedule_configs_build_and_describe_themselves(name: str) -> None:
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    assert cfg.warmup_start_factor == 0.2
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=0.5)
+    sched = instantiate(cfg)(opt, total_steps=TOTAL)
+    assert sched.snvbert["schedule"] == name and sched.snvbert["total_steps"] == TOTAL
+    # The health check recomputes the lr from this description and the configured lr.
+    assert opt.param_groups[0]["lr"] == pytest.approx(
+        S.lr_at(name, 0, 0.5, **{k: v for k, v in sched.snvbert.items() if k != "schedule"})
+    )
+
+
+def test_no_lr_literal_in_model_code() -> None:
+    """The lr comes from config: no `lr=<number>` default in the model package."""
+    import re
+
+    root = Path(S.__file__).parent
+    literal = re.compile(r"\blr\s*[:=]\s*(float\s*=\s*)?[0-9.]+(e-?\d+)?")
+    for path in root.glob("*.py"):
+        assert not literal.search(path.read_text()), path
