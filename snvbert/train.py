@@ -1,0 +1,96 @@
+"""``python -m snvbert.train``: fit the retrieval-augmented transformer (Hydra + Lightning).
+
+``train(cfg)`` is pure (config in, metrics and objects out); ``main`` is the thin Hydra entry
+point that returns the optimized metric, so Hydra sweepers (Optuna) work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from snvbert.errors import SnvbertError
+from snvbert.model.module import SNVBertModule
+from snvbert.utils.cli import user_errors_exit
+
+log = logging.getLogger("snvbert.train")
+
+
+def auto_precision() -> str:
+    """bf16 autocast where the GPU supports it, full precision on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+if not OmegaConf.has_resolver("snvbert_precision"):
+    OmegaConf.register_new_resolver("snvbert_precision", auto_precision)
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Build every ``_target_`` entry of a config dict (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def build_module(cfg: DictConfig) -> SNVBertModule:
+    """The LightningModule from the composed config: net size, optimizer, schedule, lr, loss."""
+    return SNVBertModule(
+        net=instantiate(cfg.model),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.schedule),
+        lr=float(cfg.lr),
+        focal_gamma=float(cfg.loss.focal_gamma),
+        focal_alpha=cfg.loss.focal_alpha,
+        compile=bool(cfg.get("compile", False)),
+    )
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit (and optionally test) a model; return the final metrics and the built objects."""
+    L.seed_everything(int(cfg.seed), workers=True)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    if cfg.get("test") and not trainer.fast_dev_run:
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        trainer.test(module, datamodule=datamodule, ckpt_path=best)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@user_errors_exit
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
+    log.info("final metrics: %s", shown)
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise SnvbertError(
+            f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}"
+        )
+    value = metrics[name]
+    return value if math.isfinite(value) else None
+
+
+if __name__ == "__main__":
+    main()
