@@ -459,5 +459,8 @@ class SNVDataModule(L.LightningDataModule):
             "context_bp": self.context_bp,
             "train_samples": [self.panel.samples[i] for i in self.splits["train"]],
             "levels": [asdict(level) for level in self.curriculum.levels],
+            "retrieval": {
+                "k": self.retriever.k, "engine": self.retriever.engine, "index": self.retriever.index,
+            },
             "seed": self.seed,
         }

@@ -1,0 +1,301 @@
+"""``python -m snvbert.bench.accuracy``: snvbert against Beagle 5.4 and Minimac4 on a simulation.
+
+::
+
+    python -m snvbert.bench.accuracy                      # DESIGN's 5 Mb scenario (long)
+    python -m snvbert.bench.accuracy --size demo --train-minutes 5
+    python -m snvbert.bench.accuracy --skip-train RUN/checkpoints/last.ckpt
+
+Two cases, one seed (so one panel and one truth):
+
+- **clean**: the array is the truth at the typed sites, phased;
+- **realistic**: 0.5 % genotype errors, 1 % missing calls, unphased. Beagle phases and imputes
+  it in one run; snvbert, Minimac4 and the HMM get the array phased by Beagle
+  (``impute=false``), as a user would run them.
+
+snvbert is trained on the clean simulation's panel within a time budget. Everything is scored
+in one :func:`snvbert.evaluate.evaluate` call per case (bootstrap intervals over target people),
+and the wall time of each step is reported. Writes ``accuracy.json`` and, per case, the
+evaluation's JSON and plots under ``--out`` (default ``outputs/bench/accuracy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from snvbert.errors import SnvbertError
+from snvbert.utils.io import atomic_path
+
+log = logging.getLogger("snvbert.bench.accuracy")
+
+REALISTIC_ARRAY = {"error_rate": 0.005, "missing_rate": 0.01, "phased": False}
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _run(cmd: list[str], log_path: Path) -> float:
+    """Run a tool, its output to ``log_path``; wall seconds. A failure names the log."""
+    started = time.perf_counter()
+    with open(log_path, "w") as sink:
+        code = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SnvbertError(f"`{' '.join(cmd)}` failed with exit code {code}; see {log_path}")
+    return time.perf_counter() - started
+
+
+def _dd_hh_mm_ss(minutes: float) -> str:
+    """Lightning's max_time string for a budget in minutes."""
+    s = max(1, round(minutes * 60))
+    return f"'{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}'"
+
+
+def train_model(panel: Path, out: Path, minutes: float, overrides: list[str]) -> tuple[Path, float]:
+    """Train on ``panel`` for at most ``minutes``; return the best checkpoint and wall seconds.
+
+    Uses ``experiment=accuracy`` when that config exists, else the defaults (model=small);
+    ``overrides`` are appended (any Hydra override of the train config).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from snvbert.train import train
+
+    run_dir = out / "train"
+    args = [
+        f"data.panel={panel}",
+        f"paths.root_dir={Path.cwd()}",
+        f"paths.log_dir={out}",
+        f"paths.output_dir={run_dir}",
+        f"paths.cache_dir={out / 'cache'}",
+        "trainer.max_epochs=1000",
+        f"+trainer.max_time={_dd_hh_mm_ss(minutes)}",
+        "test=false",
+    ]
+    if (CONF_DIR / "experiment" / "accuracy.yaml").exists():
+        args.insert(0, "experiment=accuracy")
+    args += overrides
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        # No Hydra section: every ${hydra:...} path is set explicitly above.
+        cfg = compose("train", overrides=args)
+    # As a Hydra run would: the run folder keeps its config (impute reads retrieval.k there).
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    started = time.perf_counter()
+    _, objects = train(cfg)
+    seconds = time.perf_counter() - started
+    callback = objects["trainer"].checkpoint_callback
+    best = Path(callback.best_model_path) if callback and callback.best_model_path else None
+    ckpt = best if best and best.exists() else run_dir / "checkpoints" / "last.ckpt"
+    return ckpt, seconds
+
+
+def run(
+    out_dir: str | Path = "outputs/bench/accuracy",
+    *,
+    seed: int = 1,
+    size: str = "5mb",
+    train_minutes: float = 60.0,
+    skip_train: str | Path | None = None,
+    threads: int = 2,
+    bootstrap: int = 200,
+    hmm: bool = True,
+    train_overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The whole benchmark; returns (and writes as ``accuracy.json``) tables and timings."""
+    from snvbert.evaluate import evaluate, format_table, public
+    from snvbert.impute import impute
+    from snvbert.simulate import simulate
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sims = {
+        "clean": out / "sim" / f"{size}-seed{seed}-clean",
+        "realistic": out / "sim" / f"{size}-seed{seed}-realistic",
+    }
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    simulate(sims["clean"], seed, size)
+    simulate(sims["realistic"], seed, size, array=REALISTIC_ARRAY)
+    times["simulate"] = time.perf_counter() - t0
+    panel = sims["clean"] / "panel.vcf.gz"
+    cache = out / "cache"
+
+    if skip_train:
+        ckpt = Path(skip_train)
+    else:
+        ckpt, times["snvbert_train"] = train_model(panel, out, train_minutes, train_overrides or [])
+    log.info("checkpoint %s", ckpt)
+
+    beagle = shutil.which("beagle")
+    minimac4 = shutil.which("minimac4")
+    msav = out / "panel.msav"
+    if minimac4:
+        times["minimac4_compress_reference"] = _run(
+            [minimac4, "--compress-reference", str(panel), "-o", str(msav)],
+            out / "minimac4_compress.log",
+        )
+
+    results: dict[str, Any] = {"seed": seed, "size": size, "checkpoint": str(ckpt), "cases": {}}
+    for case, sim in sims.items():
+        work = out / case
+        work.mkdir(exist_ok=True)
+        array = sim / "array.vcf.gz"
+        files: dict[str, Path] = {}
+        case_times: dict[str, float] = {}
+        if case == "realistic":
+            if not beagle:
+                log.warning("beagle not found: the realistic case needs it for phasing; skipped")
+                continue
+            case_times["beagle_phasing"] = _run(
+                [
+                    beagle,
+                    f"gt={array}",
+                    f"ref={panel}",
+                    f"map={sim / 'map.plink'}",
+                    "impute=false",
+                    f"out={work / 'phased'}",
+                    f"nthreads={threads}",
+                ],
+                work / "beagle_phasing.log",
+            )
+            subprocess.run(["tabix", "-f", "-p", "vcf", str(work / "phased.vcf.gz")], check=True)
+            query = work / "phased.vcf.gz"
+        else:
+            query = array
+
+        started = time.perf_counter()
+        summary = impute(
+            ckpt, panel, query, work / "snvbert.vcf.gz", cache_dir=cache, progress=True
+        )
+        case_times["snvbert_impute"] = time.perf_counter() - started
+        files["snvbert"] = work / "snvbert.vcf.gz"
+        print(
+            f"[{case}] snvbert: {summary['sites']['imputed']:,} sites imputed in "
+            f"{case_times['snvbert_impute']:.1f} s",
+            flush=True,
+        )
+        if beagle:
+            # Beagle gets the raw array: in the realistic case it phases and imputes in one run.
+            case_times["beagle"] = _run(
+                [
+                    beagle,
+                    f"ref={panel}",
+                    f"gt={array}",
+                    f"map={sim / 'map.plink'}",
+                    f"out={work / 'beagle'}",
+                    f"nthreads={threads}",
+                ],
+                work / "beagle.log",
+            )
+            files["beagle"] = work / "beagle.vcf.gz"
+        if minimac4:
+            case_times["minimac4"] = _run(
+                [
+                    minimac4,
+                    str(msav),
+                    str(query),
+                    "-o",
+                    str(work / "minimac4.vcf.gz"),
+                    "-O",
+                    "vcf.gz",
+                    "-f",
+                    "GT,DS,GP",
+                    "-t",
+                    str(threads),
+                ],
+                work / "minimac4.log",
+            )
+            files["minimac4"] = work / "minimac4.vcf.gz"
+        if hmm:
+            from snvbert.hmm import impute_hmm
+
+            started = time.perf_counter()
+            impute_hmm(
+                panel, query, work / "hmm.vcf.gz", genetic_map=sim / "map.plink", cache_dir=cache
+            )
+            case_times["hmm"] = time.perf_counter() - started
+            files["hmm"] = work / "hmm.vcf.gz"
+
+        labels = list(files)
+        paths = list(files.values())
+        scores = evaluate(
+            sim / "truth.vcf.gz",
+            paths[0],
+            panel,
+            array,
+            compare=paths[1:],
+            labels=labels,
+            out_dir=work,
+            bootstrap=bootstrap,
+            cache_dir=cache,
+        )
+        print(f"\n== {case} array ==", flush=True)
+        print(format_table(scores))
+        print(
+            "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in case_times.items()), flush=True
+        )
+        results["cases"][case] = {"scores": public(scores), "seconds": case_times}
+    results["seconds"] = times
+    if "snvbert_train" in times:
+        print(f"\nsnvbert training: {times['snvbert_train'] / 60:.1f} min", flush=True)
+    with atomic_path(out / "accuracy.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+    print(
+        f"wrote {out / 'accuracy.json'} and per-case evaluate.json, r2_by_maf.png, calibration.png",
+        flush=True,
+    )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m snvbert.bench.accuracy", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--size", default="5mb", help="simulation size preset: tiny, demo, 5mb, 20mb"
+    )
+    parser.add_argument("--train-minutes", type=float, default=60.0, help="training time budget")
+    parser.add_argument(
+        "--skip-train", metavar="CKPT", help="use this checkpoint instead of training"
+    )
+    parser.add_argument("--out", default="outputs/bench/accuracy")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument(
+        "--no-hmm", action="store_true", help="leave out the Li-Stephens HMM column"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for training, e.g. model=tiny"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run(
+            args.out,
+            seed=args.seed,
+            size=args.size,
+            train_minutes=args.train_minutes,
+            skip_train=args.skip_train,
+            threads=args.threads,
+            bootstrap=args.bootstrap,
+            hmm=not args.no_hmm,
+            train_overrides=args.overrides,
+        )
+    except SnvbertError as err:
+        print(f"snvbert: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""snvbert.impute: output format, site harmonisation, atomic writes, and one-line errors."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cyvcf2 import VCF
+
+import snvbert.impute as imp
+from snvbert.errors import SnvbertError
+from snvbert.impute import dosage_r2, format_samples, impute, match_sites
+from snvbert.utils.io import write_bgzipped_vcf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint from a very short debug run on ``tiny_sim`` (quality is irrelevant here)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from snvbert.train import train
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    run = tmp / "run"
+    overrides = [
+        "debug=default",
+        f"data.sim_dir={tiny_sim}",
+        f"paths.root_dir={tmp}",
+        f"paths.log_dir={tmp}",
+        f"paths.output_dir={run}",
+        f"paths.cache_dir={tmp / 'cache'}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.detect_anomaly=false",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    train(cfg)
+    # A Hydra run folder holds its config: impute reads the training retrieval.k from it.
+    (run / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("impute_cache")
+
+
+@pytest.fixture(scope="session")
+def clean(tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("imputed") / "imputed.vcf.gz"
+    summary = impute(
+        tiny_ckpt,
+        tiny_sim / "panel.vcf.gz",
+        tiny_sim / "array.vcf.gz",
+        out,
+        cache_dir=cache,
+        progress=False,
+    )
+    return out, summary
+
+
+def _records(path: Path) -> dict[tuple[int, str, str], dict]:
+    out = {}
+    for v in VCF(str(path)):
+        out[(v.POS, v.REF, v.ALT[0])] = {
+            "ds": v.format("DS")[:, 0].copy(),
+            "gp": v.format("GP").copy(),
+            "gt": v.genotypes,
+            "imp": v.INFO.get("IMP") is not None,
+            "dr2": v.INFO.get("DR2"),
+        }
+    return out
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    """Rewrite a VCF's text line by line (``edit(line) -> line``), bgzipped and indexed."""
+    with gzip.open(src, "rt") as f:
+        lines = [edit(line) for line in f]
+    write_bgzipped_vcf(lines, dst)
+    return dst
+
+
+def test_output_is_a_valid_sorted_vcf_with_every_panel_site_once(clean, tiny_sim: Path) -> None:
+    out, summary = clean
+    assert Path(str(out) + ".tbi").exists()
+    view = subprocess.run(["bcftools", "view", "-H", str(out)], capture_output=True, text=True)
+    assert view.returncode == 0, view.stderr
+    panel_keys = [(v.POS, v.REF, v.ALT[0]) for v in VCF(str(tiny_sim / "panel.vcf.gz"))]
+    keys = [(v.POS, v.REF, v.ALT[0]) for v in VCF(str(out))]
+    assert len(view.stdout.splitlines()) == len(keys)
+    assert keys == sorted(keys, key=lambda k: k[0])
+    assert sorted(keys) == sorted(panel_keys) and len(set(keys)) == len(keys)
+    header = VCF(str(out)).raw_header
+    for needed in (
+        "##source=snvbert",
+        "##snvbertCommand=",
+        "##contig=<ID=20,length=",
+        "ID=DR2",
+        "ID=IMP",
+        "ID=GP",
+        "ID=DS",
+    ):
+        assert needed in header
+    assert summary["sites"]["imputed"] + summary["sites"]["typed"] == len(panel_keys)
+
+
+def test_dosage_and_genotype_probabilities_agree(clean) -> None:
+    recs = _records(clean[0])
+    ds = np.stack([r["ds"] for r in recs.values()])
+    gp = np.stack([r["gp"] for r in recs.values()])
+    assert np.allclose(gp.sum(-1), 1.0, atol=0.002)
+    assert np.allclose(ds, gp[..., 1] + 2 * gp[..., 2], atol=0.003)
+    assert ds.min() >= 0 and ds.max() <= 2
+    gt = np.stack([np.array(r["gt"])[:, :2] for r in recs.values()])
+    assert np.all(np.stack([np.array(r["gt"])[:, 2] for r in recs.values()]) == 1)  # phased
+    # The best guess agrees with the dosage: hom-ref where DS is small, hom-alt where large.
+    assert np.all(gt.sum(-1)[ds < 0.4] == 0) and np.all(gt.sum(-1)[ds > 1.6] == 2)
+
+
+def test_typed_genotypes_are_written_as_given(clean, tiny_sim: Path) -> None:
+    recs = _records(clean[0])
+    array = {(v.POS, v.REF, v.ALT[0]): v.genotypes for v in VCF(str(tiny_sim / "array.vcf.gz"))}
+    for key, gts in array.items():
+        assert recs[key]["gt"] == gts
+        assert not recs[key]["imp"]
+    assert sum(r["imp"] for r in recs.values()) == len(recs) - len(array)
+
+
+def test_chr_prefix_and_swapped_alleles_give_the_same_imputation(
+    clean, tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path: Path
+) -> None:
+    """A 'chr20' target with REF/ALT swapped at non-ambiguous sites imputes exactly as the clean one."""
+    swapped: list[int] = []
+
+    def edit(line: str) -> str:
+        if line.startswith("##contig=<ID=20"):
+            return line.replace("ID=20", "ID=chr20")
+        if line.startswith("#"):
+            return line
+        f = line.rstrip("\n").split("\t")
+        f[0] = "chr" + f[0]
+        if {f[3], f[4]} not in ({"A", "T"}, {"C", "G"}) and int(f[1]) % 2 == 0:
+            swapped.append(int(f[1]))
+            f[3], f[4] = f[4], f[3]
+            f[9:] = [g.translate(str.maketrans("01", "10")) for g in f[9:]]
+        return "\t".join(f) + "\n"
+
+    target = _rewrite(tiny_sim / "array.vcf.gz", tmp_path / "chr_swapped.vcf.gz", edit)
+    assert swapped, "the rewrite should swap some sites"
+    out = tmp_path / "out.vcf.gz"
+    summary = impute(
+        tiny_ckpt, tiny_sim / "panel.vcf.gz", target, out, cache_dir=cache, progress=False
+    )
+    assert summary["adjustments"]["flipped"] == len(swapped)
+    assert summary["adjustments"]["chr_renamed"] > 0
+    a, b = _records(clean[0]), _records(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key]["ds"], b[key]["ds"]), key
+        assert a[key]["gt"] == b[key]["gt"], key
+
+
+class _Sites:
+    """A minimal panel/target stand-in for match_sites."""
+
+    def __init__(self, pos: list[int], ref: str, alt: str) -> None:
+        self.pos = np.array(pos)
+        self.ref = np.array(list(ref))
+        self.alt = np.array(list(alt))
+        self.n_sites = len(pos)
+
+
+def test_match_sites_flips_drops_and_passes_through() -> None:
+    panel = _Sites([10, 20, 30, 40, 50], "ACAGA", "GTTCG")
+    # 10 exact; 20 swapped (T/C) -> flipped; 30 A/T swapped -> ambiguous, dropped;
+    # 40 G>A vs panel G>C -> dropped; 60 absent from the panel -> passed through.
+    target = _Sites([10, 20, 30, 40, 60], "ATTGC", "GCAAT")
+    m = match_sites(panel, target)  # type: ignore[arg-type]
+    assert m.panel_index.tolist() == [0, 1]
+    assert m.flipped.tolist() == [False, True]
+    assert m.passthrough.tolist() == [4]
+    assert m.counts["dropped_strand_ambiguous_swap"] == 1
+    assert m.counts["dropped_allele_mismatch"] == 1
+
+
+def test_interrupted_run_leaves_nothing(
+    tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    calls = {"n": 0}
+
+    def failing(p):
+        calls["n"] += 1
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of writing
+
+    monkeypatch.setattr(imp, "format_samples", failing)
+    out = tmp_path / "out.vcf.gz"
+    with pytest.raises(KeyboardInterrupt):
+        impute(
+            tiny_ckpt,
+            tiny_sim / "panel.vcf.gz",
+            tiny_sim / "array.vcf.gz",
+            out,
+            cache_dir=cache,
+            progress=False,
+        )
+    assert calls["n"] == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unphased_target_is_a_one_line_error(
+    tiny_ckpt: Path, tiny_sim_noisy: Path, cache: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(SnvbertError) as err:
+        impute(
+            tiny_ckpt,
+            tiny_sim_noisy / "panel.vcf.gz",
+            tiny_sim_noisy / "array.vcf.gz",
+            tmp_path / "out.vcf.gz",
+            cache_dir=cache,
+            progress=False,
+        )
+    message = str(err.value)
+    assert "\n" not in message
+    assert "unphased" in message and "beagle gt=" in message and "impute=false" in message
+
+
+def test_wrong_panel_names_both_fingerprints(
+    tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path: Path
+) -> None:
+    other = _rewrite(
+        tiny_sim / "panel.vcf.gz",
+        tmp_path / "other.vcf.gz",
+        lambda line: line.replace("##fileformat=VCFv4.2", "##fileformat=VCFv4.2\n##edited"),
+    )
+    with pytest.raises(SnvbertError, match="fingerprint") as err:
+        impute(
+            tiny_ckpt,
+            other,
+            tiny_sim / "array.vcf.gz",
+            tmp_path / "out.vcf.gz",
+            cache_dir=cache,
+            progress=False,
+        )
+    assert str(other) in str(err.value)
+
+
+def test_target_on_another_build_is_an_error_naming_both_files(
+    tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path: Path
+) -> None:
+    def shift(line: str) -> str:
+        if line.startswith("#"):
+            return line
+        f = line.split("\t")
+        f[1] = str(int(f[1]) + 1)
+        return "\t".join(f)
+
+    target = _rewrite(tiny_sim / "array.vcf.gz", tmp_path / "shifted.vcf.gz", shift)
+    with pytest.raises(SnvbertError, match="share only") as err:
+        impute(
+            tiny_ckpt,
+            tiny_sim / "panel.vcf.gz",
+            target,
+            tmp_path / "out.vcf.gz",
+            cache_dir=cache,
+            progress=False,
+        )
+    assert str(target) in str(err.value) and "panel.vcf.gz" in str(err.value)
+
+
+def test_cli_bad_target_exits_2_without_traceback(
+    tiny_ckpt: Path, tiny_sim: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "array.vcf"
+    bad.write_text("this is not a VCF\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snvbert.impute",
+            f"ckpt={tiny_ckpt}",
+            f"panel={tiny_sim / 'panel.vcf.gz'}",
+            f"target={bad}",
+            f"out={tmp_path / 'out.vcf.gz'}",
+            f"cache_dir={tmp_path / 'cache'}",
+            "progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("snvbert: error:")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.vcf.gz").exists()
+
+
+def test_format_samples_is_exact_and_fast() -> None:
+    p = np.array([[0.0, 1.0, 0.25, 0.75]], dtype=np.float32)
+    text = format_samples(p)[0].tobytes().decode()
+    assert text == "0|1:1.000:0.000,1.000,0.000\t0|1:1.000:0.188,0.625,0.188\n"
+    rng = np.random.default_rng(0)
+    big = rng.random((40_000, 200), dtype=np.float32)
+    started = time.perf_counter()
+    for i in range(0, 40_000, 2048):
+        format_samples(big[i : i + 2048])
+    assert time.perf_counter() - started < 10  # 40k sites x 100 people: seconds, not minutes
+
+
+def test_dosage_r2_is_one_for_certain_calls_and_zero_without_information() -> None:
+    certain = np.array([[0, 1, 1, 1, 0, 0, 1, 0]], dtype=np.float32)
+    assert dosage_r2(certain)[0] == pytest.approx(1.0)
+    flat = np.full((1, 8), 0.3, dtype=np.float32)
+    assert dosage_r2(flat)[0] == pytest.approx(0.0)
