@@ -86,7 +86,7 @@ def train_model(panel: Path, out: Path, minutes: float, overrides: list[str]) ->
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         # No Hydra section: every ${hydra:...} path is set explicitly above.
         cfg = compose("train", overrides=args)
-    # As a Hydra run would: the run folder keeps its config (impute reads retrieval.k there).
+    # As a Hydra run would: the run folder keeps the config it was trained with.
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     started = time.perf_counter()
