@@ -6,7 +6,8 @@ The model must beat what its inputs already give away: validation r² is logged 
 - ``top1``: copy the best retrieved neighbour (fewest mismatches over the context);
 - ``longest``: copy, at each site, the neighbour with the longest run of agreement spanning it;
 - ``runs4``: blend all neighbours weighted by ((left run + 1)(right run + 1))^4, the measured
-  rule of ../shared/DESIGN.md that comes within 0.005 of an HMM.
+  rule of ../shared/DESIGN.md that comes within 0.005 of an HMM;
+- ``hmm``: the Li–Stephens posterior over the retrieved neighbours (when the data computes it).
 
 All four use the same people, masks and neighbours as the model, so the comparison is exact.
 """
@@ -22,7 +23,7 @@ from torch import Tensor
 from snvbert.metrics import DosageR2
 from snvbert.model.module import scored_sites
 
-NAMES = ("af", "top1", "longest", "runs4")
+NAMES = ("af", "top1", "longest", "runs4", "hmm")
 
 
 def baseline_probs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -34,12 +35,15 @@ def baseline_probs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     longest = torch.gather(alleles, 1, run.argmax(1, keepdim=True)).squeeze(1)
     logw = 4.0 * (torch.log1p(batch["nbr_left"]) + torch.log1p(batch["nbr_right"]))
     weights = torch.softmax(logw.masked_fill(~valid, float("-inf")), dim=1)
-    return {
+    probs = {
         "af": batch["af"].float(),
         "top1": alleles[:, 0],
         "longest": longest,
         "runs4": (weights * alleles).sum(1),
     }
+    if "nbr_hmm" in batch:
+        probs["hmm"] = (batch["nbr_hmm"] * alleles).sum(1)
+    return probs
 
 
 class Baselines(L.Callback):
@@ -67,5 +71,7 @@ class Baselines(L.Callback):
         if trainer.sanity_checking:
             return
         for name, metric in self.metrics.items():
+            if metric.update_count == 0:
+                continue
             r2 = metric.compute()["r2"]
             pl_module.log(f"val/baseline_{name}_r2", r2, sync_dist=False)

@@ -294,7 +294,7 @@ def predict(
             )
             batch = {key: v.to(device) for key, v in batch.items()}
             batch.update(side)
-            batch = retrieve(batch, retriever)
+            batch = retrieve(batch, retriever, describe.get("hmm"))
             with (
                 torch.inference_mode(),
                 torch.autocast(

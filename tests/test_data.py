@@ -367,3 +367,40 @@ def test_training_af_leaves_the_query_person_out(tiny_sim, cache_dir):
     val_person = int(dm.splits["val"][0])
     val = dm.dataset[(1, 0, 0, 1, (val_person,))]
     assert np.allclose(val["af"][0, : len(sites)].numpy(), dm.af[sites], atol=1e-6)
+
+
+def test_copying_posteriors_match_the_reference_hmm():
+    """The batched torch HMM over neighbours equals snvbert.hmm's numpy forward-backward."""
+    from snvbert.data.retrieval import copying_posteriors
+    from snvbert.hmm import posteriors
+
+    rng = np.random.default_rng(3)
+    n_panel, n_ctx, k = 40, 60, 12
+    panel = rng.choice(np.array([-1, 1], dtype=np.int8), size=(n_panel, n_ctx))
+    first, second = np.array([3, 5]), np.array([17, 21])
+    truth = panel[first].copy()
+    truth[:, 30:] = panel[second][:, 30:]  # each query switches source in the middle
+    typed = np.zeros(n_ctx, dtype=bool)
+    typed[::3] = True
+    query = np.where(typed, truth, 0).astype(np.int8)
+    pos = np.cumsum(rng.integers(500, 3000, n_ctx))
+    others = [np.setdiff1d(rng.permutation(n_panel), [f, s])[: k - 2] for f, s in zip(first, second, strict=True)]
+    idx = torch.from_numpy(np.stack([np.r_[o[:4], f, o[4:8], s, o[8:]] for o, f, s in zip(others, first, second, strict=True)]))
+    valid = torch.ones(2, k, dtype=torch.bool)
+    post = copying_posteriors(
+        torch.from_numpy(query), torch.from_numpy(panel), idx, valid, torch.from_numpy(pos),
+        0, n_ctx, n_ctx, n_panel=n_panel, ne=20_000.0, err=0.01,
+    )  # (2, K, n_ctx)
+    assert torch.allclose(post.sum(1), torch.ones(2, n_ctx), atol=1e-5)
+    cols = np.flatnonzero(typed)
+    d = np.diff(pos[cols] * 1e-8, prepend=pos[cols][0] * 1e-8)
+    switch = (1 - np.exp(-4 * 20_000.0 * d / n_panel)).astype(np.float32)
+    for row in range(2):
+        ref = ((panel[idx[row].numpy()][:, cols] + 1) // 2).T  # (m, K)
+        obs = ((query[row, cols] + 1) // 2)[:, None]
+        expected = posteriors(obs, ref, switch, 0.01)[:, 0, :]  # (m, K)
+        assert np.allclose(post[row][:, cols].T.numpy(), expected, atol=1e-4)
+    # the posterior follows the planted mosaic: the first source early, the second late
+    for row in range(2):
+        assert idx[row, post[row, :, 2].argmax()].item() == first[row]
+        assert idx[row, post[row, :, 57].argmax()].item() == second[row]

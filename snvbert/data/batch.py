@@ -33,6 +33,8 @@ Added by retrieval (``SNVDataModule.on_after_batch_transfer``, on the batch's de
 - ``nbr_left``   (B, K, L) float  run of consecutive observed query sites left of each site (within
                                   the retrieval context) where the neighbour agrees with the query
 - ``nbr_right``  (B, K, L) float  the same to the right
+- ``nbr_hmm``    (B, K, L) float  Li–Stephens posterior of copying each neighbour at each site
+                                  (when ``data.hmm.enabled``); sums to 1 over valid neighbours
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from snvbert.data import masks as M
 from snvbert.data.batch import MASK, PAD
 from snvbert.data.curriculum import Curriculum
-from snvbert.data.retrieval import Retriever, neighbour_features, tie_jitter
+from snvbert.data.retrieval import Retriever, copying_posteriors, neighbour_features, tie_jitter
 from snvbert.data.windows import Window, make_windows, split_people
 from snvbert.errors import SnvbertError
 
@@ -252,6 +252,7 @@ def assemble_batch(
         "person": torch.from_numpy(np.asarray(persons, dtype=np.int64)),
         "window": torch.full((b,), window.index, dtype=torch.long),
         "query_ctx": torch.from_numpy(query_ctx),
+        "ctx_pos": torch.from_numpy(np.asarray(pos[window.ctx_start : window.ctx_end], dtype=np.int64)),
         "win_offset": torch.tensor([off], dtype=torch.long),
         "win_len": torch.tensor([n], dtype=torch.long),
     }
@@ -278,11 +279,16 @@ def panel_inputs(
     }
 
 
-def retrieve(batch: dict[str, Tensor], retriever: Retriever) -> dict[str, Tensor]:
+def retrieve(
+    batch: dict[str, Tensor], retriever: Retriever, hmm: dict[str, float] | None = None
+) -> dict[str, Tensor]:
     """Replace the panel inputs of a batch by its K neighbours and their per-site features.
 
-    Runs on the batch's device. A query never retrieves a haplotype of its own person.
+    Runs on the batch's device. A query never retrieves a haplotype of its own person. With
+    ``hmm`` (keyword arguments of :func:`copying_posteriors`: ``ne``, ``err``), the neighbours'
+    Li–Stephens copying posteriors are added as ``nbr_hmm``.
     """
+    ctx_pos = batch.pop("ctx_pos")
     query = batch.pop("query_ctx")
     panel = batch.pop("panel_ctx")
     panel_hap = batch.pop("panel_hap")
@@ -293,6 +299,11 @@ def retrieve(batch: dict[str, Tensor], retriever: Retriever) -> dict[str, Tensor
     scores, idx, valid = retriever.search(query.float(), panel.float(), jitter, exclude)
     alleles, left, right = neighbour_features(query, panel, idx, off, n, batch["tokens"].shape[1])
     keep = valid[:, :, None].float()
+    if hmm is not None:
+        batch["nbr_hmm"] = copying_posteriors(
+            query, panel, idx, valid, ctx_pos, off, n, batch["tokens"].shape[1],
+            n_panel=panel.shape[0], **hmm,
+        )
     batch.update(
         nbr_hap=torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
         nbr_valid=valid,
@@ -330,6 +341,7 @@ class SNVDataModule(L.LightningDataModule):
         val_mask: str = "fixed",
         curriculum: dict | None = None,
         retrieval: dict | None = None,
+        hmm: dict | None = None,
     ) -> None:
         super().__init__()
         if val_mask not in ("fixed", "per_epoch"):
@@ -351,6 +363,10 @@ class SNVDataModule(L.LightningDataModule):
         levels = [M.MaskLevel(**dict(level)) for level in cur.pop("levels")]
         self.curriculum = Curriculum(levels, **cur)
         self.retriever = Retriever(**(retrieval or {}))
+        # Li–Stephens copying posteriors over the neighbours, a fusion feature (None: off).
+        self.hmm = None if hmm is None or not hmm.get("enabled", True) else {
+            k: float(v) for k, v in hmm.items() if k != "enabled"
+        }
         self.panel = None
         self._samplers: dict[str, WindowBatchSampler] = {}
 
@@ -434,7 +450,7 @@ class SNVDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict:
         """Retrieval runs here: after masks are drawn, on the batch's device, one search per batch."""
         if "query_ctx" in batch:
-            batch = retrieve(batch, self.retriever)
+            batch = retrieve(batch, self.retriever, self.hmm)
         return batch
 
     # -- state that must survive a resume -------------------------------------------------------
@@ -462,5 +478,6 @@ class SNVDataModule(L.LightningDataModule):
             "retrieval": {
                 "k": self.retriever.k, "engine": self.retriever.engine, "index": self.retriever.index,
             },
+            "hmm": self.hmm,
             "seed": self.seed,
         }

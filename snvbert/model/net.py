@@ -28,7 +28,9 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 # Per (site, neighbour) features the fusion scores; see `neighbour_features`.
-N_FUSION_FEATURES = 7
+N_FUSION_FEATURES = 8
+# Index of the Li–Stephens log-posterior feature; a weight of 1 on it reproduces the HMM.
+HMM_FEATURE = 7
 # Per fusion head the fusion emits: blended ALT fraction (centred), its logit, normalised entropy.
 N_FUSION_OUTPUTS = 3
 # Clamp for logit(p) of the blended neighbour allele, so a unanimous vote stays finite.
@@ -171,7 +173,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def neighbour_features(left: Tensor, right: Tensor, score: Tensor, valid: Tensor) -> Tensor:
+def neighbour_features(
+    left: Tensor, right: Tensor, score: Tensor, valid: Tensor, hmm: Tensor | None = None
+) -> Tensor:
     """Per (site, neighbour) features that the fusion scores, (B, L, K, N_FUSION_FEATURES).
 
     The left and right agreement runs carry nearly all the signal (DESIGN, "What we measured"):
@@ -194,6 +198,9 @@ def neighbour_features(left: Tensor, right: Tensor, score: Tensor, valid: Tensor
             torch.log1p(torch.minimum(left, right)),  # the weaker side bounds the evidence
             ll * lr / 4,  # interaction, so the model can go beyond the product rule
             score_z,
+            # log of the neighbour's Li–Stephens copying posterior: softmax over k of this
+            # feature alone is the HMM's own weighting (0 when the data does not provide it).
+            torch.log(hmm.clamp(min=1e-6)) if hmm is not None else torch.zeros_like(ll),
         ],
         dim=-1,
     )  # (B, K, L, F)
@@ -236,6 +243,13 @@ class NeighbourFusion(nn.Module):
         bias = torch.zeros(self.n_head, N_FUSION_FEATURES)
         bias[:, 0] = c  # log1p(left)
         bias[:, 1] = c  # log1p(right)
+        # The second half of the heads starts as the Li–Stephens HMM instead (weight 1 on its
+        # log-posterior), so the net begins between the run rule and the HMM and learns which
+        # to trust where.
+        hmm_heads = torch.arange(self.n_head) >= self.n_head // 2 if self.n_head > 1 else None
+        if hmm_heads is not None:
+            bias[hmm_heads] = 0.0
+            bias[hmm_heads, HMM_FEATURE] = 1.0
         with torch.no_grad():
             self.query.bias.copy_(bias.flatten())
 
@@ -330,6 +344,7 @@ class SNVBertNet(nn.Module):
                 batch["nbr_right"].float(),
                 batch["nbr_score"].float(),
                 valid,
+                batch["nbr_hmm"].float() if "nbr_hmm" in batch else None,
             )  # (B, L, K, F)
             alleles = batch["nbr_alleles"].float().transpose(1, 2)  # (B, L, K)
             nbr = (feats, alleles, valid, torch.log(valid.sum(1).float()))
