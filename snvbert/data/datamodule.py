@@ -297,12 +297,15 @@ def retrieve(
     off, n = int(batch.pop("win_offset")[0]), int(batch.pop("win_len")[0])
     exclude = batch["person"][:, None] == panel_person[None, :]
     scores, idx, valid = retriever.search(query.float(), panel.float(), jitter, exclude)
-    alleles, left, right = neighbour_features(query, panel, idx, off, n, batch["tokens"].shape[1])
+    length = batch["tokens"].shape[1]
+    alleles, left, right = neighbour_features(
+        query, panel, idx, off, n, length, retriever.feature_sites
+    )
     keep = valid[:, :, None].float()
     if hmm is not None:
         batch["nbr_hmm"] = copying_posteriors(
-            query, panel, idx, valid, ctx_pos, off, n, batch["tokens"].shape[1],
-            n_panel=panel.shape[0], **hmm,
+            query, panel, idx, valid, ctx_pos, off, n, length,
+            n_panel=panel.shape[0], max_cols=retriever.feature_sites, **hmm,
         )
     batch.update(
         nbr_hap=torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
@@ -477,6 +480,7 @@ class SNVDataModule(L.LightningDataModule):
             "levels": [asdict(level) for level in self.curriculum.levels],
             "retrieval": {
                 "k": self.retriever.k, "engine": self.retriever.engine, "index": self.retriever.index,
+                "feature_sites": self.retriever.feature_sites,
             },
             "hmm": self.hmm,
             "seed": self.seed,

@@ -47,6 +47,7 @@ class Retriever:
         nlist: int = 64,
         nprobe: int = 8,
         hnsw_m: int = 32,
+        feature_sites: int | None = 1024,
     ) -> None:
         if engine not in ENGINES:
             raise SnvbertError(f"retrieval.engine='{engine}' is not one of {ENGINES}")
@@ -58,6 +59,8 @@ class Retriever:
             raise SnvbertError(f"retrieval.k={k} must be at least 1")
         self.k, self.engine, self.index = int(k), engine, index
         self.nlist, self.nprobe, self.hnsw_m = nlist, nprobe, hnsw_m
+        # Most observed context columns the per-site features (runs, HMM) look at.
+        self.feature_sites = None if feature_sites is None else int(feature_sites)
 
     def search(
         self, query: Tensor, panel: Tensor, jitter: Tensor, exclude: Tensor | None = None
@@ -130,8 +133,29 @@ class Retriever:
         return torch.gather(scores, 1, order), torch.gather(idx, 1, order)
 
 
+def feature_columns(observed: Tensor, win_offset: int, win_len: int, max_cols: int | None) -> Tensor:
+    """Context columns observed by any query, at most ``max_cols`` of them nearest the window.
+
+    Sparse (array) masks keep every observed column of a wide context; dense masks, whose
+    observed columns number in the thousands, keep those around the window, which bounds the
+    cost of the per-site features without losing what they measure.
+    """
+    cols = torch.nonzero(observed.any(0)).squeeze(1)
+    if max_cols is None or cols.numel() <= max_cols:
+        return cols
+    centre = win_offset + win_len / 2
+    nearest = torch.topk((cols.float() - centre).abs(), max_cols, largest=False).indices
+    return cols[torch.sort(nearest).values]
+
+
 def neighbour_features(
-    query: Tensor, panel: Tensor, idx: Tensor, win_offset: int, win_len: int, length: int
+    query: Tensor,
+    panel: Tensor,
+    idx: Tensor,
+    win_offset: int,
+    win_len: int,
+    length: int,
+    max_cols: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Neighbour alleles and agreement runs over a window, site-aligned with the query.
 
@@ -139,11 +163,12 @@ def neighbour_features(
     neighbours; the window is context columns [win_offset, win_offset + win_len), padded to
     ``length``. Returns alleles (B, K, length) in {0, 1}, and left / right runs (B, K, length):
     for each window site, the number of consecutive observed query sites strictly to its left
-    (right), nearest first, on which the neighbour agrees with the query.
+    (right), nearest first, on which the neighbour agrees with the query (among the
+    :func:`feature_columns`).
     """
     b, k = idx.shape
     observed = query != 0  # (B, C)
-    cols = torch.nonzero(observed.any(0)).squeeze(1)  # (U,) context columns observed by any query
+    cols = feature_columns(observed, win_offset, win_len, max_cols)  # (U,)
     window_cols = torch.arange(win_offset, win_offset + win_len, device=query.device)
     nbr_win = panel[:, win_offset : win_offset + win_len][idx]  # (B, K, W)
     alleles = (nbr_win > 0).float()
@@ -194,6 +219,7 @@ def copying_posteriors(
     ne: float = 20_000.0,
     err: float = 0.002,
     morgans_per_bp: float = 1e-8,
+    max_cols: int | None = None,
 ) -> Tensor:
     """Li–Stephens posterior of copying each neighbour at each window site, (B, K, length).
 
@@ -201,7 +227,7 @@ def copying_posteriors(
     copied allele (or the other with probability ``err``); between observed sites it jumps to
     a uniformly chosen neighbour with probability ``1 - exp(-4 ne d / n_panel)`` (d in Morgans,
     a constant ``morgans_per_bp`` map). Forward-backward runs over the context columns observed
-    by any query of the batch (a column a query does not observe emits 1 for every state, so
+    by any query of the batch (:func:`feature_columns`) (a column a query does not observe emits 1 for every state, so
     its posterior there is the exact HMM posterior at that position); window sites between
     such columns take the posterior interpolated linearly in position, as Beagle and Minimac do.
 
@@ -211,7 +237,7 @@ def copying_posteriors(
     b, k = idx.shape
     device = query.device
     observed = query != 0
-    cols = torch.nonzero(observed.any(0)).squeeze(1)  # (U,)
+    cols = feature_columns(observed, win_offset, win_len, max_cols)  # (U,)
     valid_f = valid.float()
     uniform = valid_f / valid_f.sum(1, keepdim=True).clamp(min=1.0)  # (B, K)
     if cols.numel() == 0:
