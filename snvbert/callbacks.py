@@ -46,7 +46,8 @@ class MaskEpochs(L.Callback):
         if sampler.epoch != trainer.current_epoch:
             log.warning(
                 "train sampler was at epoch %d in epoch %d: reseeding it now",
-                sampler.epoch, trainer.current_epoch,
+                sampler.epoch,
+                trainer.current_epoch,
             )
             sampler.set_epoch(trainer.current_epoch)
         self._losses = []
@@ -58,8 +59,11 @@ class MaskEpochs(L.Callback):
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
         log.info(
             "epoch %d: mask level %d/%d (%s), val chip %s",
-            trainer.current_epoch, dm.curriculum.level, dm.curriculum.final_level,
-            level.strategy, self.val_fingerprint(dm),
+            trainer.current_epoch,
+            dm.curriculum.level,
+            dm.curriculum.final_level,
+            level.strategy,
+            self.val_fingerprint(dm),
         )
 
     @staticmethod
@@ -70,13 +74,23 @@ class MaskEpochs(L.Callback):
         if final.strategy != "array":
             return f"{final.strategy}@epoch{sampler.mask_epoch}"
         typed = M.chip_sites(
-            dm.panel.pos, np.minimum(dm.af, 1 - dm.af), seed=dm.seed, stream=sampler.stream,
-            epoch=sampler.mask_epoch, spacing_bp=final.spacing_bp, min_maf=final.min_maf,
+            dm.panel.pos,
+            np.minimum(dm.af, 1 - dm.af),
+            seed=dm.seed,
+            stream=sampler.stream,
+            epoch=sampler.mask_epoch,
+            spacing_bp=final.spacing_bp,
+            min_maf=final.min_maf,
         )
         return M.fingerprint(typed)
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
@@ -90,8 +104,11 @@ class MaskEpochs(L.Callback):
         if dm.curriculum.step(loss):
             log.info(
                 "curriculum: level %d -> %d (%s) after epoch %d (train loss %.4f)",
-                dm.curriculum.level - 1, dm.curriculum.level, dm.curriculum.current.strategy,
-                trainer.current_epoch, loss,
+                dm.curriculum.level - 1,
+                dm.curriculum.level,
+                dm.curriculum.current.strategy,
+                trainer.current_epoch,
+                loss,
             )
 
 

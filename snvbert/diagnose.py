@@ -33,8 +33,10 @@ def prepare(cfg: DictConfig) -> DictConfig:
     """
     caps = cfg.get("diagnose") or {}
     with open_dict(cfg):
-        for key, cap_key in (("limit_train_batches", "max_train_batches"),
-                             ("limit_val_batches", "max_val_batches")):
+        for key, cap_key in (
+            ("limit_train_batches", "max_train_batches"),
+            ("limit_val_batches", "max_val_batches"),
+        ):
             cap = caps.get(cap_key)
             if cap is None:
                 continue
@@ -67,7 +69,10 @@ def diagnose(cfg: DictConfig) -> tuple[int, TrainingHealth, dict[str, float]]:
 def report(health: TrainingHealth, steps: int) -> str:
     """The table the command prints."""
     where = f"\ndetails: {health.json_path}" if health.json_path else ""
-    counts = {s: sum(r.status == s for r in health.results.values()) for s in ("ok", "warn", "fail", "n/a")}
+    counts = {
+        s: sum(r.status == s for r in health.results.values())
+        for s in ("ok", "warn", "fail", "n/a")
+    }
     tally = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     return (
         f"\nsnvbert diagnose: {steps} training steps, checks every {health.every_n_steps} steps\n\n"

@@ -143,7 +143,9 @@ class _Snapshot:
 def _norm(tensors: list[Tensor]) -> float:
     if not tensors:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([t.detach().float().norm() for t in tensors])))
+    return float(
+        torch.linalg.vector_norm(torch.stack([t.detach().float().norm() for t in tensors]))
+    )
 
 
 def expected_lr(pl_module: L.LightningModule, trainer: L.Trainer, step: int) -> float | None:
@@ -235,7 +237,10 @@ class TrainingHealth(L.Callback):
         self.every_n_steps = max(1, int(every_n_steps))
         self.lr_rtol = float(lr_rtol)
         self.grad_ratio_min = float(grad_ratio_min)
-        self.update_ratio_min, self.update_ratio_max = float(update_ratio_min), float(update_ratio_max)
+        self.update_ratio_min, self.update_ratio_max = (
+            float(update_ratio_min),
+            float(update_ratio_max),
+        )
         self.entropy_min, self.entropy_patience = float(entropy_min), max(1, int(entropy_patience))
         self.spread_min = float(spread_min)
         self.frozen_atol = float(frozen_atol)
@@ -251,7 +256,10 @@ class TrainingHealth(L.Callback):
         self.warned: set[tuple[str, str]] = set()
         self.events: list[dict[str, Any]] = []
         self.history: dict[str, list[Any]] = {
-            "fusion_entropy": [], "logit_spread": [], "update_ratio": [], "grad_ratio": [],
+            "fusion_entropy": [],
+            "logit_spread": [],
+            "update_ratio": [],
+            "grad_ratio": [],
             "validation": [],
         }
         self._check_step: int | None = None  # optimizer step being checked, if any
@@ -278,8 +286,14 @@ class TrainingHealth(L.Callback):
 
     # -- reporting ---------------------------------------------------------------------------
     def _report(
-        self, check: str, status: str, figure: str, hint_key: str, step: int | None,
-        subject: str = "", what: str = "",
+        self,
+        check: str,
+        status: str,
+        figure: str,
+        hint_key: str,
+        step: int | None,
+        subject: str = "",
+        what: str = "",
     ) -> None:
         """Record a verdict; log a warning the first time a (check, subject) goes wrong."""
         hint = HINTS.get(hint_key, "")
@@ -292,8 +306,16 @@ class TrainingHealth(L.Callback):
         self.warned.add(key)
         where = f" at step {step}" if step is not None else ""
         msg = f"training health [{check}] {what or CHECKS[check]}{where}: {figure}. {hint}"
-        self.events.append({"check": check, "status": status, "subject": subject, "step": step,
-                            "figure": figure, "message": msg})
+        self.events.append(
+            {
+                "check": check,
+                "status": status,
+                "subject": subject,
+                "step": step,
+                "figure": figure,
+                "message": msg,
+            }
+        )
         log.warning(msg)
 
     def _ok(self, check: str, figure: str) -> None:
@@ -313,11 +335,16 @@ class TrainingHealth(L.Callback):
             "val_fingerprint": self.val_fingerprint,
             "history": self.history,
             "thresholds": {
-                "every_n_steps": self.every_n_steps, "lr_rtol": self.lr_rtol,
-                "grad_ratio_min": self.grad_ratio_min, "update_ratio_min": self.update_ratio_min,
-                "update_ratio_max": self.update_ratio_max, "entropy_min": self.entropy_min,
-                "entropy_patience": self.entropy_patience, "spread_min": self.spread_min,
-                "frozen_atol": self.frozen_atol, "loss_ratio_max": self.loss_ratio_max,
+                "every_n_steps": self.every_n_steps,
+                "lr_rtol": self.lr_rtol,
+                "grad_ratio_min": self.grad_ratio_min,
+                "update_ratio_min": self.update_ratio_min,
+                "update_ratio_max": self.update_ratio_max,
+                "entropy_min": self.entropy_min,
+                "entropy_patience": self.entropy_patience,
+                "spread_min": self.spread_min,
+                "frozen_atol": self.frozen_atol,
+                "loss_ratio_max": self.loss_ratio_max,
             },
         }
 
@@ -334,7 +361,9 @@ class TrainingHealth(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._finish(trainer)
 
     def _finish(self, trainer: L.Trainer) -> None:
@@ -349,7 +378,9 @@ class TrainingHealth(L.Callback):
             self.json_path = Path(root) / "health.json"
             try:
                 with atomic_path(self.json_path) as tmp:
-                    tmp.write_text(json.dumps(self.summary(), indent=1, default=_json_default) + "\n")
+                    tmp.write_text(
+                        json.dumps(self.summary(), indent=1, default=_json_default) + "\n"
+                    )
             except OSError as err:  # a report must never crash a finished training
                 log.warning("could not write %s: %s", self.json_path, err)
                 self.json_path = None
@@ -385,13 +416,20 @@ class TrainingHealth(L.Callback):
         )
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, Tensor):
             loss = loss.detach().float()
             bad = (~torch.isfinite(loss)).sum()
-            self._nonfinite_loss = bad if self._nonfinite_loss is None else self._nonfinite_loss + bad
+            self._nonfinite_loss = (
+                bad if self._nonfinite_loss is None else self._nonfinite_loss + bad
+            )
             finite = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
             self._loss_sum = finite if self._loss_sum is None else self._loss_sum + finite
             self._loss_count += 1
@@ -399,8 +437,15 @@ class TrainingHealth(L.Callback):
         if step is None:
             return
         if self._nonfinite_loss is not None and int(self._nonfinite_loss) > 0:
-            self._report("gradients", FAIL, f"{int(self._nonfinite_loss)} non-finite training "
-                         "loss value(s)", "nonfinite", step, "loss", "the training loss is NaN/Inf")
+            self._report(
+                "gradients",
+                FAIL,
+                f"{int(self._nonfinite_loss)} non-finite training loss value(s)",
+                "nonfinite",
+                step,
+                "loss",
+                "the training loss is NaN/Inf",
+            )
         figures: dict[str, float] = {}
         snap = self._snapshot
         if snap is not None and trainer.global_step > snap.step:
@@ -417,7 +462,10 @@ class TrainingHealth(L.Callback):
 
     # -- the checks --------------------------------------------------------------------------
     def _check_lr(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        optimizer: torch.optim.Optimizer,
         step: int,
     ) -> None:
         expected = expected_lr(pl_module, trainer, step)
@@ -432,15 +480,31 @@ class TrainingHealth(L.Callback):
                 err = 0.0
             if err >= worst:
                 worst, actual_at_worst = err, actual
-        figure = f"optimizer {actual_at_worst:.4g} vs configured {expected:.4g} (rel. err {worst:.1e})"
+        figure = (
+            f"optimizer {actual_at_worst:.4g} vs configured {expected:.4g} (rel. err {worst:.1e})"
+        )
         if worst > self.lr_rtol:
-            self._report("lr", FAIL, figure, "lr", step, what="optimizer lr differs from the configured schedule")
+            self._report(
+                "lr",
+                FAIL,
+                figure,
+                "lr",
+                step,
+                what="optimizer lr differs from the configured schedule",
+            )
         else:
             self._ok("lr", f"rel. err {worst:.0e} (step {step}: {expected:.3g})")
 
     def _report_parts(
-        self, check: str, status: str, hint_key: str, step: int, kind: str, what: str,
-        offenders: dict[str, float], label: str,
+        self,
+        check: str,
+        status: str,
+        hint_key: str,
+        step: int,
+        kind: str,
+        what: str,
+        offenders: dict[str, float],
+        label: str,
     ) -> None:
         """One warning for all parts with the same problem at one step (not one per block)."""
         if not offenders:
@@ -448,8 +512,15 @@ class TrainingHealth(L.Callback):
         names = sorted(offenders, key=offenders.__getitem__)
         shown = ", ".join(f"{n} {offenders[n]:.1e}" for n in names[:4])
         more = f" and {len(names) - 4} more" if len(names) > 4 else ""
-        self._report(check, status, f"{label}: {shown}{more}", hint_key, step,
-                     f"{kind}:{','.join(sorted(names))}", f"{what} in {', '.join(sorted(names))}")
+        self._report(
+            check,
+            status,
+            f"{label}: {shown}{more}",
+            hint_key,
+            step,
+            f"{kind}:{','.join(sorted(names))}",
+            f"{what} in {', '.join(sorted(names))}",
+        )
 
     def _check_gradients(self, pl_module: L.LightningModule, step: int) -> None:
         self._grad_ratios = {}
@@ -471,12 +542,29 @@ class TrainingHealth(L.Callback):
             elif ratio < self.grad_ratio_min:
                 vanishing[name] = ratio
         self.history["grad_ratio"].append([step, dict(self._grad_ratios)])
-        self._report_parts("gradients", FAIL, "nonfinite", step, "nonfinite", "non-finite gradient",
-                           nonfinite, "||grad||")
-        self._report_parts("gradients", FAIL, "grad_none", step, "none", "no gradient",
-                           missing, "||grad|| = 0")
-        self._report_parts("gradients", WARN, "grad_vanishing", step, "vanishing", "vanishing gradient",
-                           vanishing, f"||grad||/||w|| < {self.grad_ratio_min:.0e}")
+        self._report_parts(
+            "gradients",
+            FAIL,
+            "nonfinite",
+            step,
+            "nonfinite",
+            "non-finite gradient",
+            nonfinite,
+            "||grad||",
+        )
+        self._report_parts(
+            "gradients", FAIL, "grad_none", step, "none", "no gradient", missing, "||grad|| = 0"
+        )
+        self._report_parts(
+            "gradients",
+            WARN,
+            "grad_vanishing",
+            step,
+            "vanishing",
+            "vanishing gradient",
+            vanishing,
+            f"||grad||/||w|| < {self.grad_ratio_min:.0e}",
+        )
         finite = {n: r for n, r in self._grad_ratios.items() if math.isfinite(r)}
         if finite:
             lo = min(finite, key=finite.__getitem__)
@@ -503,13 +591,39 @@ class TrainingHealth(L.Callback):
         self.history["update_ratio"].append([step, dict(ratios)])
         nonfinite = {n: r for n, r in ratios.items() if not math.isfinite(r)}
         stopped = {n: r for n, r in ratios.items() if r < self.update_ratio_min and not decayed}
-        unstable = {n: r for n, r in ratios.items() if math.isfinite(r) and r > self.update_ratio_max}
-        self._report_parts("updates", FAIL, "nonfinite", step, "nonfinite", "non-finite update",
-                           nonfinite, "||dw||/||w||")
-        self._report_parts("updates", FAIL, "updates_stopped", step, "stopped", "no movement",
-                           stopped, f"||dw||/||w|| < {self.update_ratio_min:.0e}")
-        self._report_parts("updates", WARN, "updates_unstable", step, "unstable", "unstable updates",
-                           unstable, f"||dw||/||w|| > {self.update_ratio_max:.0e}")
+        unstable = {
+            n: r for n, r in ratios.items() if math.isfinite(r) and r > self.update_ratio_max
+        }
+        self._report_parts(
+            "updates",
+            FAIL,
+            "nonfinite",
+            step,
+            "nonfinite",
+            "non-finite update",
+            nonfinite,
+            "||dw||/||w||",
+        )
+        self._report_parts(
+            "updates",
+            FAIL,
+            "updates_stopped",
+            step,
+            "stopped",
+            "no movement",
+            stopped,
+            f"||dw||/||w|| < {self.update_ratio_min:.0e}",
+        )
+        self._report_parts(
+            "updates",
+            WARN,
+            "updates_unstable",
+            step,
+            "unstable",
+            "unstable updates",
+            unstable,
+            f"||dw||/||w|| > {self.update_ratio_max:.0e}",
+        )
         finite = {n: r for n, r in ratios.items() if math.isfinite(r)}
         if finite:
             lo, hi = min(finite, key=finite.__getitem__), max(finite, key=finite.__getitem__)
@@ -517,7 +631,9 @@ class TrainingHealth(L.Callback):
         return {f"health/update_ratio/{g}": r for g, r in ratios.items()}
 
     @torch.no_grad()
-    def _probe(self, pl_module: L.LightningModule, batch: Mapping[str, Any], step: int) -> dict[str, float]:
+    def _probe(
+        self, pl_module: L.LightningModule, batch: Mapping[str, Any], step: int
+    ) -> dict[str, float]:
         """One no-grad forward in eval mode: fusion weights and logits of this batch."""
         net = self._net(pl_module)
         if "tokens" not in batch:
@@ -547,24 +663,43 @@ class TrainingHealth(L.Callback):
             return {}
         ent = float(entropy)
         n_valid = valid.sum(1)
-        keep = ~pad if pad is not None else torch.ones(weights.shape[0], weights.shape[2], dtype=torch.bool,
-                                                       device=weights.device)
+        keep = (
+            ~pad
+            if pad is not None
+            else torch.ones(
+                weights.shape[0], weights.shape[2], dtype=torch.bool, device=weights.device
+            )
+        )
         wmax = weights.amax(-1).permute(0, 2, 1)[keep]  # (sites x heads) max weight per query
         all_one = bool((wmax >= 1 - 1e-6).all()) if wmax.numel() else False
         self.history["fusion_entropy"].append([step, ent])
         k_max = int(n_valid.max()) if n_valid.numel() else 0
         figure = f"entropy/log K {ent:.3f}, K = {k_max}, max weight {float(wmax.mean()):.3f} (mean)"
         if k_max <= 1:
-            self._report("fusion", FAIL, f"{k_max} valid neighbour per query: weights are all 1.0",
-                         "fusion_single", step, "single", "the fusion attends over a single key")
+            self._report(
+                "fusion",
+                FAIL,
+                f"{k_max} valid neighbour per query: weights are all 1.0",
+                "fusion_single",
+                step,
+                "single",
+                "the fusion attends over a single key",
+            )
             return {"health/fusion_entropy": ent}
         if all_one or ent < self.entropy_min:
             self._low_entropy_run += 1
         else:
             self._low_entropy_run = 0
         if self._low_entropy_run >= self.entropy_patience:
-            self._report("fusion", WARN, f"{figure}, for {self._low_entropy_run} checks",
-                         "fusion_collapsed", step, "collapsed", "the fusion attention has collapsed")
+            self._report(
+                "fusion",
+                WARN,
+                f"{figure}, for {self._low_entropy_run} checks",
+                "fusion_collapsed",
+                step,
+                "collapsed",
+                "the fusion attention has collapsed",
+            )
         else:
             self._ok("fusion", f"entropy/log K {ent:.3f} (K = {k_max})")
         return {"health/fusion_entropy": ent}
@@ -573,23 +708,42 @@ class TrainingHealth(L.Callback):
         if logits.dim() != 2 or logits.shape[0] < 2:
             return {}
         x = logits.float()
-        cols = ~pad.any(0) if pad is not None else torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+        cols = (
+            ~pad.any(0)
+            if pad is not None
+            else torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+        )
         if not bool(cols.any()):
             return {}
         spread = float(x[:, cols].std(0).mean())
         self.history["logit_spread"].append([step, spread])
         if not math.isfinite(spread):
-            self._report("spread", FAIL, f"logits {spread}", "nonfinite", step, "nonfinite",
-                         "the logits are NaN/Inf")
+            self._report(
+                "spread",
+                FAIL,
+                f"logits {spread}",
+                "nonfinite",
+                step,
+                "nonfinite",
+                "the logits are NaN/Inf",
+            )
         elif spread < self.spread_min:
-            self._report("spread", FAIL, f"std of logits across items at a site {spread:.1e} "
-                         f"< {self.spread_min:.0e}", "spread", step, "constant",
-                         "the predictions do not vary across inputs")
+            self._report(
+                "spread",
+                FAIL,
+                f"std of logits across items at a site {spread:.1e} < {self.spread_min:.0e}",
+                "spread",
+                step,
+                "constant",
+                "the predictions do not vary across inputs",
+            )
         else:
             self._ok("spread", f"logit std across items {spread:.2f}")
         return {"health/logit_spread": spread}
 
-    def _check_retrieval(self, trainer: L.Trainer, batch: Mapping[str, Any], step: int | None) -> None:
+    def _check_retrieval(
+        self, trainer: L.Trainer, batch: Mapping[str, Any], step: int | None
+    ) -> None:
         """Self/own-person retrieval over the whole batch; site alignment on a few entries."""
         nbr = batch.get("nbr_hap")
         if nbr is None or "hap" not in batch or "person" not in batch:
@@ -600,19 +754,35 @@ class TrainingHealth(L.Callback):
         person_hits = int(((nbr // 2 == person[:, None]) & valid).sum())
         n = int(valid.sum())
         if person_hits:
-            self._report("retrieval", FAIL, f"{person_hits} of {n} neighbours are the query's own "
-                         f"person ({self_hits} the query haplotype itself)", "retrieval_self", step,
-                         "self", "a query retrieved itself")
+            self._report(
+                "retrieval",
+                FAIL,
+                f"{person_hits} of {n} neighbours are the query's own "
+                f"person ({self_hits} the query haplotype itself)",
+                "retrieval_self",
+                step,
+                "self",
+                "a query retrieved itself",
+            )
         checked, bad = self._check_alignment(trainer, batch, valid)
         if bad:
-            self._report("retrieval", FAIL, f"{bad} of {checked} spot-checked neighbour alleles differ "
-                         "from the panel at the query's site", "retrieval_align", step, "align",
-                         "neighbours are not site-aligned with the query")
+            self._report(
+                "retrieval",
+                FAIL,
+                f"{bad} of {checked} spot-checked neighbour alleles differ "
+                "from the panel at the query's site",
+                "retrieval_align",
+                step,
+                "align",
+                "neighbours are not site-aligned with the query",
+            )
         if not person_hits and not bad:
             extra = f", {checked} alleles aligned" if checked else ""
             self._ok("retrieval", f"0 self hits in {n} neighbours{extra}")
 
-    def _check_alignment(self, trainer: L.Trainer, batch: Mapping[str, Any], valid: Tensor) -> tuple[int, int]:
+    def _check_alignment(
+        self, trainer: L.Trainer, batch: Mapping[str, Any], valid: Tensor
+    ) -> tuple[int, int]:
         """Compare ``align_samples`` random (row, neighbour) pairs with the panel over the window.
 
         Whole rows, not single entries: a one-site shift only shows where neighbouring sites
@@ -626,7 +796,9 @@ class TrainingHealth(L.Callback):
         pairs = torch.nonzero(valid, as_tuple=False).cpu().numpy()  # (n, 2): row b, neighbour k
         if len(pairs) == 0:
             return 0, 0
-        pairs = pairs[self._rng.choice(len(pairs), min(self.align_samples, len(pairs)), replace=False)]
+        pairs = pairs[
+            self._rng.choice(len(pairs), min(self.align_samples, len(pairs)), replace=False)
+        ]
         b, k = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
         got = alleles[b, k].cpu().numpy()  # (n, L)
         sites = site[b].cpu().numpy()  # (n, L), -1 at PAD
@@ -648,7 +820,11 @@ class TrainingHealth(L.Callback):
         self._val_ran = False
 
     def on_validation_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if batch_idx == 0 and not trainer.sanity_checking and isinstance(batch, Mapping):
@@ -673,14 +849,26 @@ class TrainingHealth(L.Callback):
         epoch, step = trainer.current_epoch, trainer.global_step
         train_loss = float(self._loss_sum) / self._loss_count
         vals = {
-            k: float(v) for k, v in trainer.callback_metrics.items()
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
             if k.startswith("val/") and "baseline" not in k and v.numel() == 1
         }
-        record = {"epoch": epoch, "step": step, "train_loss": train_loss, "final_level": self._epoch_final,
-                  "val_fingerprint": self.val_fingerprint, "val": vals}
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": train_loss,
+            "final_level": self._epoch_final,
+            "val_fingerprint": self.val_fingerprint,
+            "val": vals,
+        }
         self.history["validation"].append(record)
-        log.info("health: epoch %d validation chip %s, val/loss %s, train loss %.4g",
-                 epoch, self.val_fingerprint, vals.get("val/loss"), train_loss)
+        log.info(
+            "health: epoch %d validation chip %s, val/loss %s, train loss %.4g",
+            epoch,
+            self.val_fingerprint,
+            vals.get("val/loss"),
+            train_loss,
+        )
         figures = self._check_frozen(record, step)
         figures.update(self._check_loss_scale(record, step))
         if figures:
@@ -697,16 +885,33 @@ class TrainingHealth(L.Callback):
         dtrain = abs(record["train_loss"] - prev["train_loss"])
         same_chip = prev["val_fingerprint"] == record["val_fingerprint"]
         if largest <= self.frozen_atol:
-            chip = (f"validation chip {record['val_fingerprint']} unchanged" if same_chip
-                    else "validation chip changed, metrics did not")
-            moved = (f"while the training loss moved by {dtrain:.2g}" if dtrain > self.frozen_atol
-                     else "and the training loss did not move either")
-            figure = (f"{len(keys)} val metrics identical to {largest:.0e} between epochs "
-                      f"{prev['epoch']} and {record['epoch']} {moved}; {chip}")
-            self._report("frozen_val", FAIL, figure, "frozen_val", step, "frozen",
-                         "validation metrics are identical across epochs")
+            chip = (
+                f"validation chip {record['val_fingerprint']} unchanged"
+                if same_chip
+                else "validation chip changed, metrics did not"
+            )
+            moved = (
+                f"while the training loss moved by {dtrain:.2g}"
+                if dtrain > self.frozen_atol
+                else "and the training loss did not move either"
+            )
+            figure = (
+                f"{len(keys)} val metrics identical to {largest:.0e} between epochs "
+                f"{prev['epoch']} and {record['epoch']} {moved}; {chip}"
+            )
+            self._report(
+                "frozen_val",
+                FAIL,
+                figure,
+                "frozen_val",
+                step,
+                "frozen",
+                "validation metrics are identical across epochs",
+            )
         else:
-            self._ok("frozen_val", f"largest val change {largest:.1e} (chip {record['val_fingerprint']})")
+            self._ok(
+                "frozen_val", f"largest val change {largest:.1e} (chip {record['val_fingerprint']})"
+            )
         return {"health/val_change": largest} if math.isfinite(largest) else {}
 
     def _check_loss_scale(self, record: dict[str, Any], step: int) -> dict[str, float]:
@@ -721,8 +926,15 @@ class TrainingHealth(L.Callback):
         ratio = record["train_loss"] / val_loss if val_loss > 0 else math.inf
         figure = f"train/val loss {record['train_loss']:.4g} / {val_loss:.4g} = {ratio:.3g}"
         if not (1 / self.loss_ratio_max <= ratio <= self.loss_ratio_max):
-            self._report("loss_scale", FAIL, figure, "loss_scale", step, "scale",
-                         "training and validation losses are on different scales")
+            self._report(
+                "loss_scale",
+                FAIL,
+                figure,
+                "loss_scale",
+                step,
+                "scale",
+                "training and validation losses are on different scales",
+            )
         else:
             self._ok("loss_scale", figure)
         return {"health/train_val_loss_ratio": ratio} if math.isfinite(ratio) else {}
@@ -765,4 +977,6 @@ def format_table(results: Any, width: int = 100) -> str:
 def _wrap(text: str, indent: int, width: int) -> list[str]:
     import textwrap
 
-    return textwrap.wrap(text, width=width, initial_indent=" " * indent, subsequent_indent=" " * (indent + 3))
+    return textwrap.wrap(
+        text, width=width, initial_indent=" " * indent, subsequent_indent=" " * (indent + 3)
+    )

@@ -38,7 +38,11 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     """Build every ``_target_`` entry of a config dict (callbacks, loggers)."""
     if not cfg:
         return []
-    return [instantiate(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node]
+    return [
+        instantiate(node)
+        for node in cfg.values()
+        if isinstance(node, DictConfig) and "_target_" in node
+    ]
 
 
 def build_module(cfg: DictConfig) -> SNVBertModule:
@@ -58,6 +62,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (and optionally test) a model; return the final metrics and the built objects."""
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data)
+    # Read the data before building the trainer: bad input fails fast, in one line.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
     module = build_module(cfg)
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))

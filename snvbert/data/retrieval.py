@@ -133,7 +133,9 @@ class Retriever:
         return torch.gather(scores, 1, order), torch.gather(idx, 1, order)
 
 
-def feature_columns(observed: Tensor, win_offset: int, win_len: int, max_cols: int | None) -> Tensor:
+def feature_columns(
+    observed: Tensor, win_offset: int, win_len: int, max_cols: int | None
+) -> Tensor:
     """Context columns observed by any query, at most ``max_cols`` of them nearest the window.
 
     Sparse (array) masks keep every observed column of a wide context; dense masks, whose
@@ -189,7 +191,9 @@ def neighbour_features(
 
     pad = length - win_len
     if pad:
-        alleles, left, right = (torch.nn.functional.pad(t, (0, pad)) for t in (alleles, left, right))
+        alleles, left, right = (
+            torch.nn.functional.pad(t, (0, pad)) for t in (alleles, left, right)
+        )
     return alleles, left, right
 
 

@@ -102,7 +102,9 @@ class Panel:
             idx = np.asarray(samples)
             if idx.dtype == bool:
                 if idx.shape != (self.n_samples,):
-                    raise ValueError(f"sample mask has shape {idx.shape}, expected ({self.n_samples},)")
+                    raise ValueError(
+                        f"sample mask has shape {idx.shape}, expected ({self.n_samples},)"
+                    )
                 idx = np.flatnonzero(idx)
             idx = idx.astype(np.int64, copy=False).ravel()
             if idx.size == 0:
@@ -258,7 +260,9 @@ def read_target(path: str | os.PathLike, *, chrom: str | None = None) -> Target:
     if order is not None:
         pos, ref, alt = pos[order], ref[order], alt[order]
         genotypes, phased = genotypes[order], phased[order]
-    return Target(path, file_chrom or (chrom or ""), pos, ref, alt, samples, genotypes, phased, skipped)
+    return Target(
+        path, file_chrom or (chrom or ""), pos, ref, alt, samples, genotypes, phased, skipped
+    )
 
 
 # --- file checks -------------------------------------------------------------------------
@@ -331,7 +335,9 @@ def _open_vcf(path: Path) -> Iterator[object]:
     try:
         vcf = VCF(str(path), gts012=False, lazy=True, threads=_READ_THREADS)
     except OSError as err:
-        raise SnvbertError(f"htslib could not open it as a VCF ({err}); check the file", path=path) from err
+        raise SnvbertError(
+            f"htslib could not open it as a VCF ({err}); check the file", path=path
+        ) from err
     try:
         if not vcf.samples:
             raise SnvbertError(
@@ -547,7 +553,9 @@ class _Reader:
         finally:
             bar.close()
         if n_records == 0:
-            raise SnvbertError("has a header but no records; pass a VCF with variants", path=self.path)
+            raise SnvbertError(
+                "has a header but no records; pass a VCF with variants", path=self.path
+            )
         if self.chrom is None and self.want is not None:
             have = ", ".join(sorted(self.other_chroms)[:5])
             raise SnvbertError(
@@ -564,7 +572,9 @@ class _Reader:
         except Exception:
             return None
 
-    def _emit(self, buf: np.ndarray, pos: np.ndarray, refs: list[str], alts: list[str], k: int) -> _Chunk:
+    def _emit(
+        self, buf: np.ndarray, pos: np.ndarray, refs: list[str], alts: list[str], k: int
+    ) -> _Chunk:
         return _Chunk(self.chrom or "", pos[:k].copy(), refs, alts, buf[:k])
 
 
@@ -575,7 +585,11 @@ def _npy_header(n_rows: int, n_cols: int) -> bytes:
     """A .npy version 1.0 header of fixed length for a C-order uint8 matrix (NEP 1 format)."""
     meta = f"{{'descr': '|u1', 'fortran_order': False, 'shape': ({n_rows}, {n_cols}), }}"
     pad = _NPY_HEADER_BYTES - 10 - len(meta) - 1
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(meta) + pad + 1) + (meta + " " * pad + "\n").encode()
+    return (
+        b"\x93NUMPY\x01\x00"
+        + struct.pack("<H", len(meta) + pad + 1)
+        + (meta + " " * pad + "\n").encode()
+    )
 
 
 def _build_cache(

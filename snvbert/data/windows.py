@@ -33,9 +33,7 @@ class Window:
         return self.end - self.start
 
 
-def make_windows(
-    pos: np.ndarray, length: int, overlap: int, context_bp: int = 0
-) -> list[Window]:
+def make_windows(pos: np.ndarray, length: int, overlap: int, context_bp: int = 0) -> list[Window]:
     """Cut ``len(pos)`` sites into windows of ``length`` sites overlapping by ``overlap``.
 
     The last window is moved left to end at the last site, so every window but a lone short

@@ -81,7 +81,11 @@ def write_bgzipped_vcf(lines: Iterable[str], out: str | os.PathLike, *, threads:
         if code != 0:
             raise SnvbertError(f"bgzip failed with exit code {code}", path=out)
         # tabix names its index after the file; the temporary name keeps it beside tmp.
-        result = subprocess.run([tabix, "-f", "-p", "vcf", str(tmp)], capture_output=True, text=True)
+        result = subprocess.run(
+            [tabix, "-f", "-p", "vcf", str(tmp)], capture_output=True, text=True
+        )
         if result.returncode != 0:
-            raise SnvbertError(f"tabix could not index the output: {result.stderr.strip()}", path=out)
+            raise SnvbertError(
+                f"tabix could not index the output: {result.stderr.strip()}", path=out
+            )
     return out
