@@ -179,3 +179,25 @@ def test_bad_panel_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("snvbert: error:") and str(bad) in last
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_trials_and_reports_the_best(tmp_path, tiny_sim):
+    cmd = [
+        sys.executable,
+        "-m",
+        "snvbert.train",
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        "debug=fdr",
+        f"data.sim_dir={tiny_sim}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = list((tmp_path / "logs").glob("debug/multiruns/*/optimization_results.yaml"))
+    assert len(best) == 1 and "best_value" in best[0].read_text()
+    assert len(list((tmp_path / "logs").glob("debug/multiruns/*/*/.hydra"))) == 2
