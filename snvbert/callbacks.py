@@ -20,10 +20,18 @@ def _datamodule(trainer: L.Trainer) -> Any:
 
 
 def at_final_level(trainer: L.Trainer) -> bool:
-    """True when the training curriculum has reached its last (array) level, or has none."""
+    """True when this epoch trained at the curriculum's last (array) level, or there is none.
+
+    Asks the training sampler which level its batches had, not the curriculum: the curriculum
+    steps in ``on_train_epoch_end``, before checkpointing and early stopping look, and asking
+    it would count the last epoch before the final level as a final one.
+    """
     dm = _datamodule(trainer)
     curriculum = getattr(dm, "curriculum", None)
-    return curriculum is None or curriculum.is_final
+    if curriculum is None:
+        return True
+    trained = dm.sampler("train").last_level
+    return (trained if trained is not None else curriculum.level) == curriculum.final_level
 
 
 class MaskEpochs(L.Callback):
@@ -122,9 +130,18 @@ class CurriculumEarlyStopping(EarlyStopping):
 class CurriculumModelCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose "best" is chosen only among epochs at the final level.
 
-    ``last.ckpt`` is still written every epoch, so a run can always be resumed.
+    ``last.ckpt`` is written at every save point, improvement or not (Lightning 2.6 writes it
+    only when a top-k checkpoint was saved in the same step), so a resume never repeats epochs.
     """
+
+    _last_written_step = -1
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         if at_final_level(trainer):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        if self._last_written_step != trainer.global_step:
+            self._last_written_step = trainer.global_step
+            super()._save_last_checkpoint(trainer, monitor_candidates)

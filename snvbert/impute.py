@@ -526,7 +526,9 @@ def impute(
         [name_to_index.get(s, -1 - i) for i, s in enumerate(tgt.samples)], dtype=np.int64
     )
     counts["targets_in_panel"] = int((query_persons >= 0).sum())
-    af = pan.alt_freq(ref_persons if reference == "train" else None)
+    # The targets' own alleles never inform their inputs (as in training, leave them out).
+    af_people = np.setdiff1d(ref_persons, query_persons[query_persons >= 0])
+    af = pan.alt_freq(af_people)
     k_used = int(k if k is not None else model.retrieval.get("k", 128))
 
     probs = predict(

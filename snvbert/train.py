@@ -7,7 +7,6 @@ point that returns the optimized metric, so Hydra sweepers (Optuna) work unchang
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import hydra
@@ -86,7 +85,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @user_errors_exit
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    metrics, objects = train(cfg)
     shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
     log.info("final metrics: %s", shown)
     name = cfg.get("optimized_metric")
@@ -96,8 +95,13 @@ def main(cfg: DictConfig) -> float | None:
         raise SnvbertError(
             f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}"
         )
-    value = metrics[name]
-    return value if math.isfinite(value) else None
+    # The sweep optimises the run's best checkpoint (what one would impute with), not its last
+    # epoch; NaN (a degenerate trial) is a float Optuna records as a failed trial.
+    checkpoint = objects["trainer"].checkpoint_callback
+    best = getattr(checkpoint, "best_model_score", None)
+    if best is not None and getattr(checkpoint, "monitor", None) == name:
+        return float(best)
+    return float(metrics[name])
 
 
 if __name__ == "__main__":

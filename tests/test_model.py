@@ -287,3 +287,16 @@ def test_weight_decay_spares_norms_biases_embeddings() -> None:
     assert len(decay) + len(no_decay) == len(list(net.parameters()))
     assert net.count_parameters() == sum(p.numel() for p in net.parameters())
     assert math.isfinite(net.count_parameters())
+
+
+def test_fusion_stays_finite_under_bf16_autocast() -> None:
+    """The fusion runs in fp32 under autocast: a unanimous neighbour vote must not become inf."""
+    torch.manual_seed(0)
+    net = SNVBertNet(d_model=32, n_layer=2, n_head=2, dropout=0.0).eval()
+    batch = make_fake_batch(B=4, L=16, K=8)
+    batch["nbr_alleles"] = torch.ones_like(batch["nbr_alleles"])  # every neighbour says ALT
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = net(batch)
+    assert torch.isfinite(out["logits"]).all()
+    plain = net(batch)["logits"]
+    assert torch.allclose(out["logits"].float(), plain, atol=0.25)

@@ -77,11 +77,27 @@ def test_schedule_configs_build_and_describe_themselves(name: str) -> None:
     )
 
 
-def test_no_lr_literal_in_model_code() -> None:
-    """The lr comes from config: no `lr=<number>` default in the model package."""
-    import re
+def test_no_lr_literal_in_code() -> None:
+    """The lr comes from config: no numeric lr in code (keyword, assignment or default)."""
+    import ast
 
-    root = Path(S.__file__).parent
-    literal = re.compile(r"\blr\s*[:=]\s*(float\s*=\s*)?[0-9.]+(e-?\d+)?")
-    for path in root.glob("*.py"):
-        assert not literal.search(path.read_text()), path
+    def numeric(node: ast.AST | None) -> bool:
+        return isinstance(node, ast.Constant) and isinstance(node.value, int | float)
+
+    root = Path(S.__file__).parents[1]
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword):
+                assert not (node.arg == "lr" and numeric(node.value)), (path, node.lineno)
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = {t.id for t in targets if isinstance(t, ast.Name)}
+                assert not ("lr" in names and numeric(node.value)), (path, node.lineno)
+            elif isinstance(node, ast.arguments):
+                params = node.posonlyargs + node.args
+                for arg, default in zip(
+                    params[len(params) - len(node.defaults) :], node.defaults, strict=True
+                ):
+                    assert not (arg.arg == "lr" and numeric(default)), (path, arg.lineno)
+                for arg, default in zip(node.kwonlyargs, node.kw_defaults, strict=True):
+                    assert not (arg.arg == "lr" and numeric(default)), (path, arg.lineno)

@@ -201,3 +201,41 @@ def test_optuna_sweep_runs_trials_and_reports_the_best(tmp_path, tiny_sim):
     best = list((tmp_path / "logs").glob("debug/multiruns/*/optimization_results.yaml"))
     assert len(best) == 1 and "best_value" in best[0].read_text()
     assert len(list((tmp_path / "logs").glob("debug/multiruns/*/*/.hydra"))) == 2
+
+
+def test_best_checkpoint_is_from_the_final_level_and_resume_continues(tmp_path, tiny_sim):
+    """Best is chosen among final-level epochs only; last.ckpt is current; resume picks up the
+    step, the curriculum level and the lr schedule where they were."""
+    common = [
+        "debug=default",
+        "trainer.detect_anomaly=false",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "schedule.warmup_steps=4",
+        "data.curriculum.levels=[{strategy: random, rate: 0.3},{strategy: array, spacing_bp: 5000}]",
+    ]
+    cfg = compose_train(
+        tmp_path,
+        tiny_sim,
+        *common,
+        "trainer.max_epochs=2",
+        "callbacks.model_checkpoint.save_top_k=-1",
+    )
+    _, objects = train(cfg)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    # every final-level epoch is kept (save_top_k=-1); epoch 0 trained at level 0 must not be
+    assert sorted(p.name for p in ckpt_dir.glob("epoch*.ckpt")) == ["epoch001.ckpt"]
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert last["global_step"] == objects["trainer"].global_step == 6
+    assert last["SNVDataModule"]["curriculum"]["level"] == 1
+
+    resumed_cfg = compose_train(
+        tmp_path, tiny_sim, *common, "trainer.max_epochs=3", f"ckpt_path={ckpt_dir / 'last.ckpt'}"
+    )
+    _, resumed = train(resumed_cfg)
+    trainer, module = resumed["trainer"], resumed["module"]
+    assert trainer.global_step == 9 and resumed["datamodule"].curriculum.level == 1
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    expected = module.hparams.lr * sched.lr_lambdas[0](trainer.global_step)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+    assert sched.last_epoch == trainer.global_step  # the warmup did not restart

@@ -152,7 +152,6 @@ def train_throughput(net: SNVBertNet, batch: dict[str, Tensor], repeats: int) ->
 
 def run(out_dir: Path, sizes: tuple[str, ...] = ("small", "large"), repeats: int = REPEATS) -> dict:
     """Run every measurement for each size, print a table, write ``out_dir/encoder.json``."""
-    torch.manual_seed(0)
     results: dict[str, Any] = {
         "setup": {
             "B": B,

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from snvbert.data.retrieval import Retriever
 
 N_QUERIES, N_SITES = 4096, 512
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _best(fn, reps: int = 3) -> float:
@@ -126,8 +128,9 @@ def dataloader(out_dir: Path, n_batches: int = 30) -> list[dict]:
         dt = time.perf_counter() - t0
         if step_time is None:
             net = SNVBertNet(d_model=128, n_layer=8, n_head=4, max_len=dm.length)
-            module = SNVBertModule(net, torch.optim.AdamW, None, lr=1e-4)
-            opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+            lr = float(OmegaConf.load(CONF / "train.yaml")["lr"])  # the configured default
+            module = SNVBertModule(net, torch.optim.AdamW, None, lr=lr)
+            opt = torch.optim.AdamW(module.parameters(), lr=lr)
             module.log = lambda *a, **k: None  # no trainer attached
             step_time = _best(partial(_train_step, module, opt, first), 2)
         rows.append(

@@ -63,6 +63,7 @@ class WindowBatchSampler(Sampler[Descriptor]):
         self.seed, self.stream, self.shuffle = seed, stream, shuffle
         self.level, self.fixed_epoch = level, fixed_epoch
         self.epoch = 0  # __iter__ runs once before Lightning's first set_epoch(0)
+        self.last_level: int | None = None  # the level of the batches last handed out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -78,6 +79,7 @@ class WindowBatchSampler(Sampler[Descriptor]):
 
     def descriptors(self) -> list[Descriptor]:
         epoch, level = self.mask_epoch, self.level()
+        self.last_level = level
         # Order only: shuffling uses the sampler epoch even when the masks are fixed.
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.stream, self.epoch, 0x5A3])
         n_chunks = math.ceil(len(self.persons) / self.batch_persons)

@@ -28,6 +28,11 @@ def scored_sites(batch: Mapping[str, Tensor]) -> Tensor:
     return mask & batch["core"] if "core" in batch else mask
 
 
+def n_hidden(batch: Mapping[str, Tensor]) -> int:
+    """Hidden sites in a batch: the weight of its per-site mean loss in an epoch mean."""
+    return max(int(batch["mask"].sum()), 1)
+
+
 class SNVBertModule(L.LightningModule):
     """Focal loss on masked sites; F1/accuracy and dosage r² by MAF bin on validation and test.
 
@@ -87,7 +92,16 @@ class SNVBertModule(L.LightningModule):
         out = self.net(batch)
         loss = self._loss(out["logits"], batch)
         B = batch["tokens"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=B)
+        # The epoch value is a mean weighted by hidden sites, so it is the loss per hidden site
+        # over the epoch, however many sites each batch hides.
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=n_hidden(batch),
+        )
         self.log(
             "train/fusion_entropy",
             out["fusion_entropy"],
@@ -117,7 +131,7 @@ class SNVBertModule(L.LightningModule):
             on_epoch=True,
             prog_bar=True,
             sync_dist=True,
-            batch_size=B,
+            batch_size=n_hidden(batch),
         )
         self.log(
             f"{stage}/fusion_entropy",
@@ -168,8 +182,10 @@ class SNVBertModule(L.LightningModule):
         return {k: v.detach().cpu() for k, v in out.items()}
 
     def setup(self, stage: str) -> None:
-        if self.hparams.compile and stage == "fit" and not hasattr(self.net, "_orig_mod"):
-            self.net = torch.compile(self.net)
+        if self.hparams.compile and stage == "fit":
+            # In place: the state-dict keys stay those of the plain net, so checkpoints load
+            # into an uncompiled net for imputation.
+            self.net.compile()
 
     def on_fit_start(self) -> None:
         net = getattr(self.net, "_orig_mod", self.net)

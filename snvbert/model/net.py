@@ -261,6 +261,16 @@ class NeighbourFusion(nn.Module):
         Returns the updated x, the fusion summary (B, L, 3H), weights (B, L, H, K) and the
         normalised entropy (B, L, H).
         """
+        # fp32 whatever the autocast: in bf16, 1 - 1e-3 rounds to 1 so logit(p) of a unanimous
+        # vote is inf, and attention logits near 60 lose the resolution the weighting needs.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward_fp32(
+                x.float(), feats.float(), alleles.float(), valid, log_n_valid.float()
+            )
+
+    def _forward_fp32(
+        self, x: Tensor, feats: Tensor, alleles: Tensor, valid: Tensor, log_n_valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         B, L, _ = x.shape
         q = self.query(self.ln(x)).view(B, L, self.n_head, N_FUSION_FEATURES)  # (B, L, H, F)
         logits = torch.einsum("blhf,blkf->blhk", q, feats)  # (B, L, H, K)
