@@ -73,7 +73,8 @@ class Retriever:
         rows are allowed the tail is padded with valid=False.
         """
         observed = (query != 0).any(0)  # (C,) columns any query observes
-        query, panel = query[:, observed], panel[:, observed]
+        if not bool(observed.all()):  # sparse (array) masks: search the typed columns only
+            query, panel = query[:, observed], panel[:, observed]
         if self.engine == "torch":
             scores, idx = self._search_torch(query, panel, jitter, exclude)
         else:
@@ -91,9 +92,9 @@ class Retriever:
     def _search_torch(
         self, query: Tensor, panel: Tensor, jitter: Tensor, exclude: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        scores = query @ panel.T + jitter  # (B, N)
+        scores = torch.addmm(jitter, query, panel.T)  # (B, N) inner products + tie-break jitter
         if exclude is not None:
-            scores = scores.masked_fill(exclude, float("-inf"))
+            scores.masked_fill_(exclude, float("-inf"))
         return torch.topk(scores, min(self.k, panel.shape[0]), dim=1, sorted=True)
 
     def _search_faiss(
