@@ -29,7 +29,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from snvbert.data import masks as M
 from snvbert.data.batch import MASK, PAD
 from snvbert.data.curriculum import Curriculum
-from snvbert.data.retrieval import Retriever, copying_posteriors, neighbour_features, tie_jitter
+from snvbert.data.retrieval import (
+    Retriever,
+    copying_posteriors,
+    feature_columns,
+    neighbour_features,
+    tie_jitter,
+)
 from snvbert.data.windows import Window, make_windows, split_people
 from snvbert.errors import SnvbertError
 
@@ -332,9 +338,9 @@ def retrieve(
     exclude = batch["person"][:, None] == panel_person[None, :]
     scores, idx, valid = retriever.search(query.float(), panel.float(), jitter, exclude)
     length = batch["tokens"].shape[1]
-    alleles, left, right = neighbour_features(
-        query, panel, idx, off, n, length, retriever.feature_sites
-    )
+    # One set of feature columns serves both the agreement runs and the HMM.
+    cols = feature_columns(query != 0, off, n, retriever.feature_sites)
+    alleles, left, right = neighbour_features(query, panel, idx, off, n, length, cols)
     keep = valid[:, :, None].float()
     if hmm is not None:
         batch["nbr_hmm"] = copying_posteriors(
@@ -347,7 +353,7 @@ def retrieve(
             n,
             length,
             n_panel=panel.shape[0],
-            max_cols=retriever.feature_sites,
+            cols=cols,
             **hmm,
         )
     batch.update(

@@ -158,7 +158,7 @@ def neighbour_features(
     win_offset: int,
     win_len: int,
     length: int,
-    max_cols: int | None = None,
+    cols: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Neighbour alleles and agreement runs over a window, site-aligned with the query.
 
@@ -166,12 +166,13 @@ def neighbour_features(
     neighbours; the window is context columns [win_offset, win_offset + win_len), padded to
     ``length``. Returns alleles (B, K, length) in {0, 1}, and left / right runs (B, K, length):
     for each window site, the number of consecutive observed query sites strictly to its left
-    (right), nearest first, on which the neighbour agrees with the query (among the
-    :func:`feature_columns`).
+    (right), nearest first, on which the neighbour agrees with the query (among ``cols``, the
+    :func:`feature_columns`; every observed column when None).
     """
     b, k = idx.shape
     observed = query != 0  # (B, C)
-    cols = feature_columns(observed, win_offset, win_len, max_cols)  # (U,)
+    if cols is None:
+        cols = feature_columns(observed, win_offset, win_len, None)  # (U,)
     window_cols = torch.arange(win_offset, win_offset + win_len, device=query.device)
     nbr_win = panel[:, win_offset : win_offset + win_len][idx]  # (B, K, W)
     alleles = (nbr_win > 0).float()
@@ -224,7 +225,7 @@ def copying_posteriors(
     ne: float = 20_000.0,
     err: float = 0.002,
     morgans_per_bp: float = 1e-8,
-    max_cols: int | None = None,
+    cols: Tensor | None = None,
 ) -> Tensor:
     """Li–Stephens posterior of copying each neighbour at each window site, (B, K, length).
 
@@ -232,8 +233,9 @@ def copying_posteriors(
     copied allele (or the other with probability ``err``); between observed sites it jumps to
     a uniformly chosen neighbour with probability ``1 - exp(-4 ne d / n_panel)`` (d in Morgans,
     a constant ``morgans_per_bp`` map). Forward-backward runs over the context columns observed
-    by any query of the batch (:func:`feature_columns`) (a column a query does not observe emits 1 for every state, so
-    its posterior there is the exact HMM posterior at that position); window sites between
+    by any query of the batch (``cols``, the :func:`feature_columns`; every observed column when
+    None). A column a query does not observe emits 1 for every state, so
+    its posterior there is the exact HMM posterior at that position; window sites between
     such columns take the posterior interpolated linearly in position, as Beagle and Minimac do.
 
     This is the state of the art's per-locus weighting, computed on the retrieved candidates:
@@ -242,7 +244,8 @@ def copying_posteriors(
     b, k = idx.shape
     device = query.device
     observed = query != 0
-    cols = feature_columns(observed, win_offset, win_len, max_cols)  # (U,)
+    if cols is None:
+        cols = feature_columns(observed, win_offset, win_len, None)  # (U,)
     valid_f = valid.float()
     uniform = valid_f / valid_f.sum(1, keepdim=True).clamp(min=1.0)  # (B, K)
     if cols.numel() == 0:
