@@ -42,7 +42,10 @@ def baseline_probs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         "runs4": (weights * alleles).sum(1),
     }
     if "nbr_hmm" in batch:
-        probs["hmm"] = (batch["nbr_hmm"] * alleles).sum(1)
+        # the copying posterior renormalised over the neighbours (with panel states the K
+        # neighbours hold most, not all, of the posterior mass), as the fusion's softmax does
+        post = batch["nbr_hmm"]
+        probs["hmm"] = (post * alleles).sum(1) / post.sum(1).clamp(min=1e-12)
     return probs
 
 

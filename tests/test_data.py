@@ -458,13 +458,14 @@ def test_copying_posteriors_match_the_reference_hmm():
         torch.from_numpy(panel),
         idx,
         valid,
-        torch.from_numpy(pos),
+        torch.from_numpy(pos * 1e-8),
         0,
         n_ctx,
         n_ctx,
         n_panel=n_panel,
         ne=20_000.0,
         err=0.01,
+        states="neighbours",
     )  # (2, K, n_ctx)
     assert torch.allclose(post.sum(1), torch.ones(2, n_ctx), atol=1e-5)
     cols = np.flatnonzero(typed)
@@ -479,3 +480,99 @@ def test_copying_posteriors_match_the_reference_hmm():
     for row in range(2):
         assert idx[row, post[row, :, 2].argmax()].item() == first[row]
         assert idx[row, post[row, :, 57].argmax()].item() == second[row]
+
+
+def test_panel_state_posteriors_match_the_full_reference_hmm():
+    """states='panel': the HMM over every allowed panel haplotype, read at the neighbours.
+
+    Equals snvbert.hmm's forward-backward over the allowed haplotypes (a genetic map with a
+    hotspot, so switch rates vary), at typed columns and, interpolated in genetic position,
+    between them; an excluded haplotype (the query's own) gets no posterior mass.
+    """
+    from snvbert.data.retrieval import copying_posteriors
+    from snvbert.hmm import posteriors
+
+    rng = np.random.default_rng(5)
+    n_panel, n_ctx, k = 30, 50, 8
+    panel = rng.choice(np.array([-1, 1], dtype=np.int8), size=(n_panel, n_ctx))
+    truth = panel[[4, 9]].copy()
+    truth[:, 25:] = panel[[11, 2]][:, 25:]
+    typed = np.zeros(n_ctx, dtype=bool)
+    typed[::4] = True
+    query = np.where(typed, truth, 0).astype(np.int8)
+    pos = np.cumsum(rng.integers(500, 3000, n_ctx))
+    morgan = pos * 1e-8
+    morgan[24:] += 0.002  # a 0.2 cM hotspot between columns 23 and 24
+    allowed = np.ones((2, n_panel), dtype=bool)
+    allowed[0, 0] = allowed[1, [0, 1]] = False  # each query's own haplotypes
+    idx = torch.from_numpy(np.stack([rng.permutation(np.arange(1, n_panel))[:k] for _ in range(2)]))
+    valid = torch.ones(2, k, dtype=torch.bool)
+    post = copying_posteriors(
+        torch.from_numpy(query),
+        torch.from_numpy(panel),
+        idx,
+        valid,
+        torch.from_numpy(morgan),
+        0,
+        n_ctx,
+        n_ctx,
+        n_panel=n_panel,
+        ne=50_000.0,
+        err=0.01,
+        states="panel",
+        allowed=torch.from_numpy(allowed),
+    )  # (2, K, n_ctx)
+    cols = np.flatnonzero(typed)
+    d = np.diff(morgan[cols], prepend=morgan[cols][0])
+    switch = (1 - np.exp(-4 * 50_000.0 * d / n_panel)).astype(np.float32)
+    for row in range(2):
+        ok = np.flatnonzero(allowed[row])
+        ref = ((panel[ok][:, cols] + 1) // 2).T  # (m, allowed)
+        obs = ((query[row, cols] + 1) // 2)[:, None]
+        full = np.zeros((len(cols), n_panel), dtype=np.float32)
+        # the reference jumps uniformly over its own states: the allowed ones
+        full[:, ok] = posteriors(obs, ref, switch, 0.01)[:, 0, :]
+        at_nbrs = full[:, idx[row].numpy()]  # (m, K)
+        assert np.allclose(post[row][:, cols].T.numpy(), at_nbrs, atol=1e-4)
+        # between typed columns: linear in genetic position
+        j = 25  # between typed columns 24 and 28
+        w = (morgan[j] - morgan[24]) / (morgan[28] - morgan[24])
+        expected = (1 - w) * full[6, idx[row].numpy()] + w * full[7, idx[row].numpy()]
+        assert np.allclose(post[row][:, j].numpy(), expected, atol=1e-4)
+    assert switch.max() > 0.9  # the hotspot really is a near-certain switch
+
+
+def test_genetic_map_positions_and_bad_maps(tmp_path, tiny_sim, cache_dir):
+    """A PLINK map is interpolated in bp; bad maps are one-line errors naming the file; the
+    simulated map beside a panel is picked up and recorded for imputation."""
+    from snvbert.data.genetic_map import genetic_positions
+    from snvbert.errors import SnvbertError
+
+    good = tmp_path / "good.map"
+    good.write_text("20\t.\t0.0\t1000\n20\t.\t1.0\t2000\n20\t.\t1.5\t102000\n")
+    morgans = genetic_positions(np.array([500, 1500, 2000, 52000, 200000]), good)
+    assert np.allclose(morgans, [0.0, 0.005, 0.01, 0.0125, 0.015])
+    assert np.allclose(genetic_positions(np.array([0, 10**6]), None), [0.0, 0.01])
+    down = tmp_path / "down.map"
+    down.write_text("20\t.\t1.0\t1000\n20\t.\t0.5\t2000\n")
+    with pytest.raises(SnvbertError, match="down.map.*decrease"):
+        genetic_positions(np.array([1500]), down)
+    junk = tmp_path / "junk.map"
+    junk.write_text("not a map\n")
+    with pytest.raises(SnvbertError, match="junk.map.*PLINK map"):
+        genetic_positions(np.array([1500]), junk)
+
+    dm = SNVDataModule(panel=str(tiny_sim / "panel.vcf.gz"), cache_dir=str(cache_dir))
+    dm.setup()
+    assert dm.describe()["genetic_map"] == str(tiny_sim / "map.plink")
+    expected = genetic_positions(dm.panel.pos, tiny_sim / "map.plink")
+    batch = dm.dataset[(0, 0, 0, 1, tuple(int(p) for p in dm.splits["train"][:2]))]
+    w = dm.windows[1]
+    assert np.allclose(batch["ctx_morgan"].numpy(), expected[w.ctx_start : w.ctx_end])
+    missing = SNVDataModule(
+        panel=str(tiny_sim / "panel.vcf.gz"),
+        cache_dir=str(cache_dir),
+        genetic_map=str(tmp_path / "absent.map"),
+    )
+    with pytest.raises(SnvbertError, match="absent.map"):
+        missing.setup()

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from snvbert.data import masks as M
 from snvbert.data.batch import MASK, PAD
 from snvbert.data.curriculum import Curriculum
+from snvbert.data.genetic_map import CM_PER_MB, genetic_positions
 from snvbert.data.retrieval import (
     Retriever,
     copying_posteriors,
@@ -134,8 +135,10 @@ class PanelWindows(Dataset):
         *,
         seed: int,
         length: int,
+        morgans: np.ndarray | None = None,
     ) -> None:
         self.haplotypes, self.pos, self.af = haplotypes, pos, af
+        self.morgans = genetic_positions(pos, None) if morgans is None else morgans
         self.maf = np.minimum(af, 1.0 - af)
         self.windows, self.levels = list(windows), list(levels)
         self.panel_persons = np.asarray(panel_persons, dtype=np.int64)
@@ -218,6 +221,7 @@ class PanelWindows(Dataset):
             observed,
             hidden,
             pos=self.pos,
+            morgans=self.morgans,
             af=self.leave_one_out_af(window, people, truth_ctx),
             haps=haps,
             persons=np.repeat(people, 2),
@@ -251,12 +255,14 @@ def assemble_batch(
     af: np.ndarray,
     haps: np.ndarray,
     persons: np.ndarray,
+    morgans: np.ndarray | None = None,
 ) -> dict[str, Tensor]:
     """The query side of a batch (see :mod:`snvbert.data.batch`) from context-wide arrays.
 
     truth_ctx, observed_ctx (B, C) int8 alleles 0/1 (observed may carry genotype errors, and is
     ignored where hidden); hidden_ctx (B, C) bool; af the panel ALT frequency, per site of the
-    panel (n_sites,) or per row over the window (B, window sites).
+    panel (n_sites,) or per row over the window (B, window sites); morgans the panel sites'
+    genetic positions (None: a constant 1 cM/Mb).
     """
     b = truth_ctx.shape[0]
     off, n = window.start - window.ctx_start, window.length
@@ -290,8 +296,13 @@ def assemble_batch(
         "person": torch.from_numpy(np.asarray(persons, dtype=np.int64)),
         "window": torch.full((b,), window.index, dtype=torch.long),
         "query_ctx": torch.from_numpy(query_ctx),
-        "ctx_pos": torch.from_numpy(
-            np.asarray(pos[window.ctx_start : window.ctx_end], dtype=np.int64)
+        "ctx_morgan": torch.from_numpy(
+            np.asarray(
+                genetic_positions(pos[window.ctx_start : window.ctx_end], None)
+                if morgans is None
+                else morgans[window.ctx_start : window.ctx_end],
+                dtype=np.float64,
+            )
         ),
         "win_offset": torch.tensor([off], dtype=torch.long),
         "win_len": torch.tensor([n], dtype=torch.long),
@@ -320,15 +331,20 @@ def panel_inputs(
 
 
 def retrieve(
-    batch: dict[str, Tensor], retriever: Retriever, hmm: dict[str, float] | None = None
+    batch: dict[str, Tensor],
+    retriever: Retriever,
+    hmm: dict[str, Any] | None = None,
+    panel_post: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Replace the panel inputs of a batch by its K neighbours and their per-site features.
 
     Runs on the batch's device. A query never retrieves a haplotype of its own person. With
-    ``hmm`` (keyword arguments of :func:`copying_posteriors`: ``ne``, ``err``), the neighbours'
-    Li–Stephens copying posteriors are added as ``nbr_hmm``.
+    ``hmm`` (keyword arguments of :func:`copying_posteriors`: ``ne``, ``err``, ``states``), the
+    neighbours' Li–Stephens copying posteriors are added as ``nbr_hmm``. ``panel_post``
+    (posteriors (B, N, U) over the panel rows, their context columns (U,)) supplies panel-state
+    posteriors computed beforehand (imputation: once per chromosome instead of per window).
     """
-    ctx_pos = batch.pop("ctx_pos")
+    ctx_morgan = batch.pop("ctx_morgan")
     query = batch.pop("query_ctx")
     panel = batch.pop("panel_ctx")
     panel_hap = batch.pop("panel_hap")
@@ -348,12 +364,14 @@ def retrieve(
             panel,
             idx,
             valid,
-            ctx_pos,
+            ctx_morgan,
             off,
             n,
             length,
             n_panel=panel.shape[0],
-            cols=cols,
+            allowed=~exclude,
+            cols=cols if panel_post is None else panel_post[1],
+            panel_post=None if panel_post is None else panel_post[0],
             **hmm,
         )
     batch.update(
@@ -382,6 +400,7 @@ class SNVDataModule(L.LightningDataModule):
         cache_dir: str = ".snvbert_cache",
         chrom: str | None = None,
         populations: str | None = None,
+        genetic_map: str | None = None,
         window: dict | None = None,
         context_bp: int = 250_000,
         split: dict | None = None,
@@ -405,6 +424,7 @@ class SNVDataModule(L.LightningDataModule):
         self.panel_path = str(panel) if panel is not None else str(Path(sim_dir) / "panel.vcf.gz")
         self.cache_dir, self.chrom = cache_dir, chrom
         self.populations_path = populations
+        self.genetic_map_path = genetic_map
         self.window_cfg = {"length": 256, "overlap": 64, **(window or {})}
         self.context_bp = int(context_bp)
         self.split_cfg = {"fractions": [0.8, 0.1, 0.1], "seed": seed, **(split or {})}
@@ -419,8 +439,15 @@ class SNVDataModule(L.LightningDataModule):
         self.hmm = (
             None
             if hmm is None or not hmm.get("enabled", True)
-            else {k: float(v) for k, v in hmm.items() if k != "enabled"}
+            else {k: v if k == "states" else float(v) for k, v in hmm.items() if k != "enabled"}
         )
+        if self.hmm is not None and self.hmm.get("states", "neighbours") not in (
+            "neighbours",
+            "panel",
+        ):
+            raise SnvbertError(
+                f"data.hmm.states='{self.hmm['states']}' must be 'neighbours' or 'panel'"
+            )
         self.panel = None
         self._samplers: dict[str, WindowBatchSampler] = {}
 
@@ -447,6 +474,16 @@ class SNVDataModule(L.LightningDataModule):
         self.panel = load_panel(
             self.panel_path, cache_dir=self.cache_dir, chrom=self.chrom, populations=pops
         )
+        gmap = self.genetic_map_path
+        if gmap is None and (Path(self.panel_path).parent / "map.plink").exists():
+            gmap = str(Path(self.panel_path).parent / "map.plink")
+        if gmap is not None and not Path(gmap).exists():
+            raise SnvbertError(
+                "genetic map not found; set data.genetic_map=PATH or null", path=gmap
+            )
+        self.genetic_map_used = gmap
+        self.morgans = genetic_positions(self.panel.pos, gmap)
+        log.info("genetic map: %s", gmap or f"none (a constant {CM_PER_MB} cM/Mb)")
         populations = self.panel.populations
         self.splits = split_people(
             self.panel.n_samples,
@@ -471,6 +508,7 @@ class SNVDataModule(L.LightningDataModule):
             self.curriculum.levels,
             seed=self.seed,
             length=self.length,
+            morgans=self.morgans,
         )
         log.info(
             "data: %d sites, %d windows of %d (overlap %d), people train/val/test %d/%d/%d",
@@ -558,5 +596,6 @@ class SNVDataModule(L.LightningDataModule):
                 "feature_sites": self.retriever.feature_sites,
             },
             "hmm": self.hmm,
+            "genetic_map": self.genetic_map_used,
             "seed": self.seed,
         }

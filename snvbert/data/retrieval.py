@@ -216,7 +216,7 @@ def copying_posteriors(
     panel: Tensor,
     idx: Tensor,
     valid: Tensor,
-    ctx_pos: Tensor,
+    ctx_morgan: Tensor,
     win_offset: int,
     win_len: int,
     length: int,
@@ -224,63 +224,123 @@ def copying_posteriors(
     n_panel: int,
     ne: float = 20_000.0,
     err: float = 0.002,
-    morgans_per_bp: float = 1e-8,
+    states: str = "neighbours",
+    allowed: Tensor | None = None,
     cols: Tensor | None = None,
+    panel_post: Tensor | None = None,
 ) -> Tensor:
     """Li–Stephens posterior of copying each neighbour at each window site, (B, K, length).
 
-    The query is a mosaic of its K retrieved neighbours: at each observed site it emits the
-    copied allele (or the other with probability ``err``); between observed sites it jumps to
-    a uniformly chosen neighbour with probability ``1 - exp(-4 ne d / n_panel)`` (d in Morgans,
-    a constant ``morgans_per_bp`` map). Forward-backward runs over the context columns observed
-    by any query of the batch (``cols``, the :func:`feature_columns`; every observed column when
-    None). A column a query does not observe emits 1 for every state, so
-    its posterior there is the exact HMM posterior at that position; window sites between
-    such columns take the posterior interpolated linearly in position, as Beagle and Minimac do.
+    The query is a mosaic of haplotypes it copies: at each observed site it emits the copied
+    allele (or the other with probability ``err``); between observed sites it jumps to a
+    uniformly chosen haplotype with probability ``1 - exp(-4 ne d / n_panel)``, d the genetic
+    distance in Morgans (``ctx_morgan``, the context sites' genetic positions: a genetic map's,
+    or a constant 1 cM/Mb). The hidden states are either the K retrieved neighbours
+    (``states="neighbours"``) or every panel haplotype the query may copy (``states="panel"``,
+    ``allowed`` (B, N) bool; the classical HMM, as Beagle runs it), whose posterior is then read
+    at the K neighbours. Forward-backward runs over the context columns observed by any query
+    of the batch (``cols``, the :func:`feature_columns`; every observed column when None). A
+    column a query does not observe emits 1 for every state, so its posterior there is the exact
+    HMM posterior at that position; window sites between such columns take the posterior
+    interpolated linearly in genetic position, as Beagle and Minimac do. ``panel_post``
+    (B, N, U) are panel-state posteriors at ``cols`` computed beforehand (imputation runs the
+    HMM once over a whole chromosome, not once per window); they are read at the neighbours.
 
-    This is the state of the art's per-locus weighting, computed on the retrieved candidates:
-    the fusion gets it as a feature and can learn where to trust it and where not.
+    This is the state of the art's per-locus weighting: the fusion gets it as a feature, its
+    log a softmax over the neighbours turns back into the HMM's weighting, and learns where to
+    trust it and where not.
     """
+    if states not in ("neighbours", "panel"):
+        raise ValueError(f"states='{states}' must be 'neighbours' or 'panel'")
     b, k = idx.shape
-    device = query.device
     observed = query != 0
     if cols is None:
         cols = feature_columns(observed, win_offset, win_len, None)  # (U,)
-    valid_f = valid.float()
-    uniform = valid_f / valid_f.sum(1, keepdim=True).clamp(min=1.0)  # (B, K)
     if cols.numel() == 0:
-        post_w = uniform[:, :, None].expand(b, k, win_len)
+        valid_f = valid.float()
+        post_w = (valid_f / valid_f.sum(1, keepdim=True).clamp(min=1.0))[:, :, None]
+        post_w = post_w.expand(b, k, win_len)
     else:
-        obs = observed[:, cols][:, None, :]  # (B, 1, U)
-        match = panel[:, cols][idx] == query[:, cols][:, None, :]  # (B, K, U)
-        emit = torch.where(match, 1.0 - err, err)
-        emit = torch.where(obs, emit, torch.ones_like(emit)) * valid_f[:, :, None]
-        pos = ctx_pos[cols].double()
-        gap = torch.diff(pos, prepend=pos[:1]) * morgans_per_bp
-        switch = (1.0 - torch.exp(-4.0 * ne * gap / max(n_panel, 1))).float()  # (U,)
+        if panel_post is not None:
+            post = torch.take_along_dim(panel_post, idx[:, :, None], dim=1)  # (B, K, U)
+        else:
+            if states == "panel":
+                state_ok = (
+                    allowed
+                    if allowed is not None
+                    else torch.ones(b, panel.shape[0], dtype=torch.bool, device=query.device)
+                )
+                state_cols = panel[:, cols].T.contiguous()  # (U, N), shared by the batch
+                read = idx  # the posterior is read at the neighbours
+            else:
+                state_ok = valid
+                state_cols = panel[:, cols][idx].permute(2, 0, 1).contiguous()  # (U, B, K)
+                read = None
+            switch = switch_probabilities(ctx_morgan[cols], ne, n_panel)
+            q_cols = query[:, cols].T.contiguous()  # (U, B)
+            post = forward_backward(state_cols, q_cols, state_ok, switch, err, read)
+        post = post * valid[:, :, None]  # (B, K, U)
         n_cols = cols.numel()
-        post = torch.empty(b, k, n_cols, device=device)
-        a = emit[:, :, 0] * uniform
-        post[:, :, 0] = a / a.sum(1, keepdim=True).clamp(min=1e-30)
-        for j in range(1, n_cols):  # forward, scaled
-            prior = (1.0 - switch[j]) * post[:, :, j - 1] + switch[j] * uniform
-            a = prior * emit[:, :, j]
-            post[:, :, j] = a / a.sum(1, keepdim=True).clamp(min=1e-30)
-        beta = uniform.clone()
-        for j in range(n_cols - 1, -1, -1):  # backward; the posterior replaces the forward value
-            g = post[:, :, j] * beta
-            post[:, :, j] = g / g.sum(1, keepdim=True).clamp(min=1e-30)
-            if j:
-                be = beta * emit[:, :, j]
-                beta = (1.0 - switch[j]) * be + switch[j] * be.sum(1, keepdim=True) * uniform
-                beta = beta / beta.sum(1, keepdim=True).clamp(min=1e-30)
-        sites = torch.arange(win_offset, win_offset + win_len, device=device)
+        sites = torch.arange(win_offset, win_offset + win_len, device=query.device)
         right = torch.searchsorted(cols, sites, right=False).clamp(max=n_cols - 1)
         left = (torch.searchsorted(cols, sites, right=True) - 1).clamp(min=0)
-        p_left, p_right = ctx_pos[cols[left]].double(), ctx_pos[cols[right]].double()
-        span = p_right - p_left
-        w = torch.where(span > 0, (ctx_pos[sites].double() - p_left) / span.clamp(min=1), 0.0)
+        g_left, g_right = ctx_morgan[cols[left]].double(), ctx_morgan[cols[right]].double()
+        span = g_right - g_left
+        w = torch.where(span > 0, (ctx_morgan[sites].double() - g_left) / span, 0.0)
         w = w.clamp(0, 1).float()
         post_w = (1 - w) * post.index_select(2, left) + w * post.index_select(2, right)
     pad = length - win_len
     return torch.nn.functional.pad(post_w, (0, pad)) if pad else post_w
+
+
+def switch_probabilities(morgan: Tensor, ne: float, n_states: int) -> Tensor:
+    """Probability of a jump before each column, ``1 - exp(-4 ne d / N)`` (float32, (U,))."""
+    morgan = morgan.double()
+    gap = torch.diff(morgan, prepend=morgan[:1]).clamp(min=0.0)
+    return (1.0 - torch.exp(-4.0 * ne * gap / max(n_states, 1))).float()
+
+
+def forward_backward(
+    state_cols: Tensor,
+    query_cols: Tensor,
+    state_ok: Tensor,
+    switch: Tensor,
+    err: float,
+    read: Tensor | None = None,
+) -> Tensor:
+    """Scaled forward-backward: state posteriors (B, S, U), or (B, K, U) read at ``read``.
+
+    state_cols (U, S) or (U, B, S) the states' alleles (+-1) at each column; query_cols (U, B)
+    the query's (0: unobserved, emits 1); state_ok (B, S) bool (other states have probability
+    0); switch (U,) probability of a jump to a uniform state before each column; read (B, K)
+    state indices whose posterior is returned. Emissions are made one column at a time, so
+    memory holds the forward pass (U, B, S) and nothing else of that size.
+    """
+    n_cols, b = query_cols.shape
+    ok = state_ok.float()
+    n_states = ok.shape[1]
+    uniform = ok / ok.sum(1, keepdim=True).clamp(min=1.0)  # (B, S)
+
+    def emission(j: int) -> Tensor:
+        q = query_cols[j][:, None]  # (B, 1)
+        e = torch.where(state_cols[j] == q, 1.0 - err, err)  # (B, S)
+        return torch.where(q != 0, e, torch.ones_like(e)) * ok
+
+    fwd = torch.empty(n_cols, b, n_states, device=query_cols.device)
+    a = emission(0) * uniform
+    fwd[0] = a / a.sum(1, keepdim=True).clamp(min=1e-30)
+    for j in range(1, n_cols):  # forward, scaled
+        prior = (1.0 - switch[j]) * fwd[j - 1] + switch[j] * uniform
+        a = prior * emission(j)
+        fwd[j] = a / a.sum(1, keepdim=True).clamp(min=1e-30)
+    out = fwd if read is None else torch.empty(n_cols, b, read.shape[1], device=fwd.device)
+    beta = uniform.clone()
+    for j in range(n_cols - 1, -1, -1):  # backward; the posterior replaces the forward value
+        g = fwd[j] * beta
+        g = g / g.sum(1, keepdim=True).clamp(min=1e-30)
+        out[j] = g if read is None else g.gather(1, read)
+        if j:
+            be = beta * emission(j)
+            beta = (1.0 - switch[j]) * be + switch[j] * be.sum(1, keepdim=True) * uniform
+            beta = beta / beta.sum(1, keepdim=True).clamp(min=1e-30)
+    return out.permute(1, 2, 0)
