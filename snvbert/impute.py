@@ -19,7 +19,10 @@ The steps, each of which names what it changed:
    everywhere else: untyped panel sites and missing calls alike are predicted.
 4. **Windows** exactly as in training; per window, batches of target people are assembled,
    their neighbours retrieved from the reference haplotypes, and the network run. Each site
-   takes the prediction of the one window whose core holds it.
+   takes the prediction of the one window whose core holds it. The Li–Stephens feature over
+   the panel runs once per chunk of people over the whole chromosome's typed sites (switch
+   rates from the genetic map the model was trained with, or ``genetic_map=``), not once per
+   window.
 5. **Output**: a bgzipped, tabix-indexed VCF with phased GT, DS and GP per sample and AF, DR2
    and IMP per site, as Beagle 5 writes them; written atomically.
 """
@@ -43,7 +46,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from snvbert.data.datamodule import assemble_batch, panel_inputs, retrieve
-from snvbert.data.retrieval import Retriever
+from snvbert.data.genetic_map import genetic_positions
+from snvbert.data.retrieval import Retriever, forward_backward, switch_probabilities
 from snvbert.data.vcf import Panel, Target, load_panel, read_target
 from snvbert.data.windows import make_windows
 from snvbert.errors import SnvbertError
@@ -231,6 +235,7 @@ def predict(
     *,
     k: int,
     batch_size: int,
+    morgans: np.ndarray | None = None,
     device: torch.device,
     autocast: torch.dtype | None,
     progress: bool = True,
@@ -241,6 +246,7 @@ def predict(
     (m, 2 * n_targets) int8 0/1, -1 where a call is missing (hidden, so predicted).
     query_persons (n_targets,) the person id of each target in retrieval exclusion: a panel
     index when the target is also a panel person (so it never retrieves itself), else negative.
+    morgans (n_sites,) the panel sites' genetic positions (None: a constant 1 cM/Mb).
     """
     describe = model.describe
     length = int(describe["window"]["length"])
@@ -255,32 +261,53 @@ def predict(
     n_targets = len(query_persons)
     probs = np.full((panel.n_sites, 2 * n_targets), np.nan, dtype=np.float32)
     chunks = [np.arange(i, min(i + batch_size, n_targets)) for i in range(0, n_targets, batch_size)]
+    hmm = describe.get("hmm")
+    whole = _whole_chromosome_hmm(hmm, typed_sites, len(ref_haps), batch_size)
+    if hmm is not None and hmm.get("states") == "panel" and not whole:
+        log.info("the chromosome-wide HMM would not fit in memory: the HMM runs per window")
+    if whole:
+        morgans = genetic_positions(panel.pos, None) if morgans is None else morgans
+        # (m, N) +-1 reference alleles at the typed sites, and the switch rates between them
+        ref_typed = torch.from_numpy(
+            2 * np.asarray(panel.haplotypes[typed_sites])[:, ref_haps].astype(np.int8) - 1
+        ).to(device)
+        switch = switch_probabilities(
+            torch.from_numpy(morgans[typed_sites]), float(hmm["ne"]), len(ref_haps)
+        ).to(device)
 
     bar = tqdm(
-        windows,
+        total=len(windows) * len(chunks),
         desc="imputing",
-        unit=" windows",
+        unit=" batches",
         file=sys.stderr,
         disable=None if progress else True,
     )
-    for window in bar:
-        c0, c1 = window.ctx_start, window.ctx_end
-        ctx_rows = np.asarray(panel.haplotypes[c0:c1])  # (C, n_panel_haps)
-        side = panel_inputs(
-            ctx_rows, ref_haps, ref_persons, window, seed=seed, stream=IMPUTE_STREAM, epoch=0
-        )
-        side = {key: v.to(device) for key, v in side.items()}
-        lo, hi = np.searchsorted(typed_sites, [c0, c1])
-        cols = typed_sites[lo:hi] - c0
-        for people in chunks:
-            rows = np.stack([2 * people, 2 * people + 1], 1).ravel()  # rows 2i, 2i+1: one person
-            calls = typed_alleles[lo:hi][:, rows].T  # (B, m_w)
+    # People outer, windows inner: each chunk's HMM runs once over the whole chromosome.
+    for people in chunks:
+        rows = np.stack([2 * people, 2 * people + 1], 1).ravel()  # rows 2i, 2i+1: one person
+        persons = np.repeat(query_persons[people], 2)
+        haps = np.where(persons >= 0, 2 * persons + np.tile([0, 1], len(people)), -1 - rows)
+        calls_all = typed_alleles[:, rows]  # (m, B) 0/1, -1 missing
+        post_all = None
+        if whole:
+            q = torch.from_numpy(np.where(calls_all < 0, 0, 2 * calls_all - 1).astype(np.int8))
+            allowed = torch.from_numpy(persons[:, None] != np.repeat(ref_persons, 2)[None, :])
+            post_all = forward_backward(
+                ref_typed, q.to(device), allowed.to(device), switch, float(hmm["err"])
+            )  # (B, N, m)
+        for window in windows:
+            c0, c1 = window.ctx_start, window.ctx_end
+            ctx_rows = np.asarray(panel.haplotypes[c0:c1])  # (C, n_panel_haps)
+            side = panel_inputs(
+                ctx_rows, ref_haps, ref_persons, window, seed=seed, stream=IMPUTE_STREAM, epoch=0
+            )
+            lo, hi = np.searchsorted(typed_sites, [c0, c1])
+            cols = typed_sites[lo:hi] - c0
+            calls = calls_all[lo:hi].T  # (B, m_w)
             hidden = np.ones((len(rows), c1 - c0), dtype=bool)
             hidden[:, cols] = calls < 0
             observed = np.zeros((len(rows), c1 - c0), dtype=np.int8)
             observed[:, cols] = np.maximum(calls, 0)
-            persons = np.repeat(query_persons[people], 2)
-            haps = np.where(persons >= 0, 2 * persons + np.tile([0, 1], len(people)), -1 - rows)
             batch = assemble_batch(
                 window,
                 length,
@@ -288,13 +315,16 @@ def predict(
                 observed,
                 hidden,
                 pos=panel.pos,
+                morgans=morgans,
                 af=af,
                 haps=haps,
                 persons=persons,
             )
-            batch = {key: v.to(device) for key, v in batch.items()}
-            batch.update(side)
-            batch = retrieve(batch, retriever, describe.get("hmm"))
+            batch = {key: v.to(device) for key, v in (batch | side).items()}
+            panel_post = None
+            if post_all is not None and hi > lo:
+                panel_post = (post_all[:, :, lo:hi], torch.from_numpy(cols).to(device))
+            batch = retrieve(batch, retriever, hmm, panel_post)
             with (
                 torch.inference_mode(),
                 torch.autocast(
@@ -305,8 +335,27 @@ def predict(
             p = torch.sigmoid(logits.float())[:, : window.length].cpu().numpy()  # (B, W)
             cs, ce = window.core_start - window.start, window.core_end - window.start
             probs[window.core_start : window.core_end, rows[0] : rows[-1] + 1] = p[:, cs:ce].T
+            bar.update()
     bar.close()
     return probs
+
+
+# Largest chromosome-wide HMM forward pass kept in memory (float32), per chunk of people.
+HMM_MEMORY_BYTES = 3 * 1024**3
+
+
+def _whole_chromosome_hmm(
+    hmm: dict[str, Any] | None, typed_sites: np.ndarray, n_states: int, batch_size: int
+) -> bool:
+    """Whether imputation runs the panel-state HMM once per chromosome (else once per window).
+
+    Once per chromosome is exact where training's per-window HMM is an approximation (its
+    context is the window's, not the chromosome's) and costs one pass instead of one per
+    window; it keeps (typed sites x 2 x batch_size x reference haplotypes) floats in memory.
+    """
+    if hmm is None or hmm.get("states") != "panel" or len(typed_sites) == 0:
+        return False
+    return len(typed_sites) * 2 * batch_size * n_states * 4 <= HMM_MEMORY_BYTES
 
 
 # --- VCF output -------------------------------------------------------------------------------
@@ -478,6 +527,7 @@ def impute(
     precision: str = "auto",
     reference: str = "all",
     k: int | None = None,
+    genetic_map: str | Path | None = None,
     cache_dir: str | Path = ".snvbert_cache",
     progress: bool = True,
     command: str | None = None,
@@ -486,7 +536,9 @@ def impute(
 
     ``reference`` chooses the retrieval panel: ``all`` panel people (the targets are outside
     people, as for Beagle) or only the ``train`` people of the checkpoint. ``k`` neighbours per
-    query (None: as in training). Returns a summary: site counts by kind and every adjustment.
+    query (None: as in training). ``genetic_map`` a PLINK map for the HMM feature's switch
+    rates (None: the map the model was trained with, if any). Returns a summary: site counts
+    by kind and every adjustment.
     """
     started = time.perf_counter()
     panel_path, target_path, out = Path(panel), Path(target), Path(out)
@@ -530,6 +582,13 @@ def impute(
     af_people = np.setdiff1d(ref_persons, query_persons[query_persons >= 0])
     af = pan.alt_freq(af_people)
     k_used = int(k if k is not None else model.retrieval.get("k", 128))
+    gmap = genetic_map if genetic_map is not None else describe.get("genetic_map")
+    if gmap is not None and not Path(gmap).exists():
+        raise SnvbertError(
+            "genetic map not found (the model was trained with it); pass genetic_map=PATH",
+            path=gmap,
+        )
+    morgans = genetic_positions(pan.pos, gmap)
 
     probs = predict(
         model,
@@ -541,6 +600,7 @@ def impute(
         af,
         k=k_used,
         batch_size=int(batch_size),
+        morgans=morgans,
         device=dev,
         autocast=autocast,
         progress=progress,
@@ -561,6 +621,7 @@ def impute(
         "targets": tgt.n_samples,
         "reference_people": int(len(ref_persons)),
         "k": k_used,
+        "genetic_map": None if gmap is None else str(gmap),
         "sites": {
             "written": n_written,
             "imputed": pan.n_sites - n_matched,
@@ -706,6 +767,7 @@ def main(cfg: DictConfig) -> None:
         precision=str(cfg.precision),
         reference=cfg.reference,
         k=cfg.retrieval.k,
+        genetic_map=cfg.genetic_map,
         cache_dir=cfg.cache_dir,
         progress=cfg.progress,
         command="python -m snvbert.impute " + " ".join(sys.argv[1:]),

@@ -322,3 +322,46 @@ def test_dosage_r2_is_one_for_certain_calls_and_zero_without_information() -> No
     assert dosage_r2(certain)[0] == pytest.approx(1.0)
     flat = np.full((1, 8), 0.3, dtype=np.float32)
     assert dosage_r2(flat)[0] == pytest.approx(0.0)
+
+
+def test_chromosome_wide_hmm_equals_the_per_window_hmm(
+    tiny_ckpt: Path, tiny_sim: Path, cache: Path, monkeypatch
+) -> None:
+    """Imputation runs the panel-state HMM once per chromosome: where a window's context is the
+    whole chromosome, that is exactly the per-window HMM training uses (same predictions),
+    missing calls included; with too little memory it falls back to the per-window HMM."""
+    import torch
+
+    from snvbert.data.genetic_map import genetic_positions
+    from snvbert.data.vcf import load_panel
+
+    model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
+    assert model.describe["hmm"]["states"] == "panel"
+    model.describe["context_bp"] = 10**8  # every window's context is the whole chromosome
+    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
+    _, match, calls = imp.prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
+    calls = calls.copy()
+    calls[3, 1] = calls[7, 4] = -1  # missing calls: emitted as 1, predicted
+    targets = np.arange(calls.shape[1] // 2)
+    args = (model, pan, match.panel_index, calls, -1 - targets, np.arange(pan.n_samples))
+    kwargs = {
+        "af": pan.alt_freq(np.arange(pan.n_samples)),
+        "k": 16,
+        "batch_size": 3,
+        "device": torch.device("cpu"),
+        "autocast": None,
+        "progress": False,
+        "morgans": genetic_positions(pan.pos, tiny_sim / "map.plink"),
+    }
+    calls_seen = []
+    real = imp.forward_backward
+    monkeypatch.setattr(
+        imp, "forward_backward", lambda *a, **k: calls_seen.append(1) or real(*a, **k)
+    )
+    whole = imp.predict(*args, **kwargs)
+    assert len(calls_seen) == 4  # once per chunk of people, not once per window
+    monkeypatch.setattr(imp, "HMM_MEMORY_BYTES", 0)
+    per_window = imp.predict(*args, **kwargs)
+    assert len(calls_seen) == 4
+    assert not np.isnan(whole).any()
+    assert np.allclose(whole, per_window, atol=2e-4)
