@@ -564,7 +564,7 @@ def test_genetic_map_positions_and_bad_maps(tmp_path, tiny_sim, cache_dir):
 
     dm = SNVDataModule(panel=str(tiny_sim / "panel.vcf.gz"), cache_dir=str(cache_dir))
     dm.setup()
-    assert dm.describe()["genetic_map"] == str(tiny_sim / "map.plink")
+    assert dm.describe()["genetic_map"] == str((tiny_sim / "map.plink").resolve())
     expected = genetic_positions(dm.panel.pos, tiny_sim / "map.plink")
     batch = dm.dataset[(0, 0, 0, 1, tuple(int(p) for p in dm.splits["train"][:2]))]
     w = dm.windows[1]

@@ -479,9 +479,10 @@ class SNVDataModule(L.LightningDataModule):
             gmap = str(Path(self.panel_path).parent / "map.plink")
         if gmap is not None and not Path(gmap).exists():
             raise SnvbertError(
-                "genetic map not found; set data.genetic_map=PATH or null", path=gmap
+                "genetic map not found; set data.genetic_map=PATH (a PLINK map) or null", path=gmap
             )
-        self.genetic_map_used = gmap
+        # absolute, so imputation finds it from any working directory
+        self.genetic_map_used = None if gmap is None else str(Path(gmap).resolve())
         self.morgans = genetic_positions(self.panel.pos, gmap)
         log.info("genetic map: %s", gmap or f"none (a constant {CM_PER_MB} cM/Mb)")
         populations = self.panel.populations
