@@ -243,6 +243,7 @@ def _score(
         some = np.isfinite(boot).any(0)
         lo[some], hi[some] = np.nanpercentile(boot[:, some], [2.5, 97.5], axis=0)
         out["ci95"] = {name: [_num(lo[i]), _num(hi[i])] for i, name in enumerate(names)}
+        out["_boot"] = boot  # same seed, same resampled people for every input: paired
     out["_site_r2"] = site_r2  # for the plots; dropped from the JSON
     out["_est_r2"] = imp.est_r2[present]
     return out
@@ -349,9 +350,40 @@ def evaluate(
                 len(truth_rows),
                 path,
             )
+    if int(bootstrap) > 0 and len(names) > 1:
+        result["differences"] = _paired_differences(result["inputs"], names[0])
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
     return result
+
+
+def _paired_differences(inputs: dict[str, dict[str, Any]], first: str) -> dict[str, Any]:
+    """r² of the first input minus each other's, with 95 % intervals over the same resamples.
+
+    Every input is bootstrapped with the same seed over the same people, so resample b is the
+    same set of people for all: the difference's interval is paired, far narrower than the two
+    separate intervals suggest.
+    """
+    names = [*MAF_BIN_NAMES, "r2"]
+    out: dict[str, Any] = {}
+    for other, m in inputs.items():
+        if other == first:
+            continue
+        diff = inputs[first]["_boot"] - m["_boot"]  # (B, groups)
+        lo, hi = np.full(len(names), np.nan), np.full(len(names), np.nan)
+        some = np.isfinite(diff).any(0)
+        lo[some], hi[some] = np.nanpercentile(diff[:, some], [2.5, 97.5], axis=0)
+        point = {
+            name: None
+            if inputs[first][name] is None or m[name] is None
+            else inputs[first][name] - m[name]
+            for name in names
+        }
+        out[f"{first}-{other}"] = {
+            name: {"diff": point[name], "ci95": [_num(lo[i]), _num(hi[i])]}
+            for i, name in enumerate(names)
+        }
+    return out
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:
@@ -408,7 +440,16 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['people']} people, {result['sites']['scored']:,} imputed sites; r2 is aggregate "
         "dosage r2, minor-allele coded, MAF from the panel"
     )
-    return "\n".join([title, *lines, *cal])
+    diffs = [
+        f"{pair} (paired bootstrap): "
+        + ", ".join(
+            f"{lab} {d[key]['diff']:+.4f} [{d[key]['ci95'][0]:+.4f},{d[key]['ci95'][1]:+.4f}]"
+            for lab, key in [*zip(BIN_LABELS, MAF_BIN_NAMES, strict=True), ("overall", "r2")]
+            if d[key]["diff"] is not None and d[key]["ci95"][0] is not None
+        )
+        for pair, d in result.get("differences", {}).items()
+    ]
+    return "\n".join([title, *lines, *cal, *diffs])
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> None:

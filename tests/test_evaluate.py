@@ -148,3 +148,27 @@ def test_compare_files_get_their_own_columns(hand: dict) -> None:
     assert list(res["inputs"]) == ["model", "oracle"]
     assert res["inputs"]["oracle"]["r2"] == pytest.approx(1.0)
     assert res["inputs"]["model"]["r2"] < 1.0
+
+
+def test_paired_bootstrap_differences(hand: dict) -> None:
+    """The first input minus each other one, over the same resampled people: the same file
+    twice differs by exactly 0 in every resample (its own interval is not a point), and the
+    oracle's difference is the point difference with an interval around it."""
+    res = evaluate(
+        hand["truth"],
+        hand["imputed"],
+        hand["panel"],
+        hand["array"],
+        compare=[hand["imputed"], hand["truth"]],
+        labels=["model", "same", "oracle"],
+        bootstrap=50,
+        cache_dir=hand["cache"],
+    )
+    same = res["differences"]["model-same"]["r2"]
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    lo, hi = res["inputs"]["model"]["ci95"]["r2"]
+    assert hi > lo
+    oracle = res["differences"]["model-oracle"]["r2"]
+    assert oracle["diff"] == pytest.approx(res["inputs"]["model"]["r2"] - 1.0)
+    assert oracle["ci95"][0] <= oracle["diff"] <= oracle["ci95"][1] <= 0.0
+    assert "model-oracle (paired bootstrap)" in format_table(res)
