@@ -54,8 +54,8 @@ bench-accuracy: install ## Long run: snvbert vs Beagle 5.4 vs Minimac4 on two si
 	@command -v beagle >/dev/null && command -v minimac4 >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq beagle minimac4 >/dev/null; }
-	$(PY) -m snvbert.bench.accuracy  # tuned on: seed 1, OutOfAfrica_3G09
-	$(PY) -m snvbert.bench.accuracy --seed 2 --demography OutOfAfrica_2T12 --out outputs/bench/accuracy-confirm  # never tuned on
+	$(PY) -m snvbert.bench.accuracy --train-minutes 30 --bootstrap 100  # tuned on: seed 1, OutOfAfrica_3G09
+	$(PY) -m snvbert.bench.accuracy --train-minutes 30 --bootstrap 100 --seed 2 --demography OutOfAfrica_2T12 --out outputs/bench/accuracy-confirm  # never tuned on
 
 lint: install ## Ruff lint and format check
 	$(VENV)/bin/ruff check snvbert tests
