@@ -19,8 +19,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from hydra_config import compose_config
+from omegaconf import DictConfig
 
 import snvbert.data.datamodule as datamodule_mod
 import snvbert.train as train_mod
@@ -45,28 +45,19 @@ def compose_cfg(
     run_dir: Path, cache: Path, sim: Path, *overrides: str, name: str = "train"
 ) -> DictConfig:
     """The real config, as ``python -m snvbert.<name> debug=default ...`` would compose it."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            name,
-            overrides=[
-                "debug=default",
-                f"data.sim_dir={sim}",
-                f"paths.cache_dir={cache}",
-                f"paths.log_dir={run_dir / 'logs'}",
-                "trainer.detect_anomaly=false",
-                "callbacks.health.every_n_steps=2",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir / "run")
-        cfg.hydra.runtime.cwd = str(ROOT)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
+    return compose_config(
+        name,
+        run_dir / "run",
+        [
+            "debug=default",
+            f"data.sim_dir={sim}",
+            f"paths.cache_dir={cache}",
+            f"paths.log_dir={run_dir / 'logs'}",
+            "trainer.detect_anomaly=false",
+            "callbacks.health.every_n_steps=2",
+            *overrides,
+        ],
+    )
 
 
 def health_of(objects: dict[str, Any]) -> TrainingHealth:

@@ -10,11 +10,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from hydra_config import compose_config
 
 from snvbert.train import build_module, train
 
@@ -27,25 +24,16 @@ def options(group: str) -> list[str]:
 
 
 def compose_train(tmp_path: Path, sim: Path, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"data.sim_dir={sim}",
-                f"paths.cache_dir={tmp_path / 'cache'}",
-                f"paths.log_dir={tmp_path / 'logs'}",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-        cfg.hydra.runtime.cwd = str(ROOT)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
+    return compose_config(
+        "train",
+        tmp_path / "run",
+        [
+            f"data.sim_dir={sim}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.parametrize("group", ["model", "schedule", "experiment", "trainer", "logger", "debug"])
