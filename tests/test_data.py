@@ -576,3 +576,43 @@ def test_genetic_map_positions_and_bad_maps(tmp_path, tiny_sim, cache_dir):
     )
     with pytest.raises(SnvbertError, match="absent.map"):
         missing.setup()
+
+
+def test_select_by_posterior_finds_the_copied_haplotypes(tiny_sim, cache_dir):
+    """data.hmm.select=posterior: the neighbours are the haplotypes the panel-state HMM copies
+    in the window. A query made of two panel haplotypes' pieces gets both as neighbours, the
+    query's own person never, and the batch keeps the retrieval contract."""
+    from snvbert.data.retrieval import panel_posteriors, select_by_posterior
+    from snvbert.errors import SnvbertError
+
+    rng = np.random.default_rng(11)
+    n_panel, n_ctx = 40, 80
+    panel = rng.choice(np.array([-1, 1], dtype=np.int8), size=(n_panel, n_ctx))
+    truth = panel[6].copy()
+    truth[40:] = panel[21][40:]
+    query = np.where(np.arange(n_ctx) % 2 == 0, truth, 0).astype(np.int8)[None, :]
+    q, p = torch.from_numpy(query), torch.from_numpy(panel)
+    allowed = torch.ones(1, n_panel, dtype=torch.bool)
+    allowed[0, 6 ^ 1] = False  # say 7 is the query's own second haplotype
+    cols = torch.nonzero(q[0] != 0).squeeze(1)
+    morgan = torch.from_numpy(np.arange(n_ctx) * 2e-4)
+    post = panel_posteriors(q, p, allowed, morgan, cols, ne=20_000.0, err=0.01)
+    assert post.shape == (1, n_panel, cols.numel())
+    scores, idx, valid = select_by_posterior(post, cols, 30, 20, 5, q, p, allowed)
+    assert {6, 21} <= set(idx[0].tolist()) and 7 not in idx[0].tolist()
+    assert bool(valid.all()) and bool((scores[0, :-1] >= scores[0, 1:]).all())
+
+    dm = make_dm(
+        tiny_sim,
+        cache_dir,
+        hmm={"enabled": True, "ne": 150000, "err": 0.002, "states": "panel", "select": "posterior"},
+        retrieval={"k": 16},
+    )
+    persons = tuple(int(x) for x in dm.splits["train"][:2])
+    batch = retrieve(dm.dataset[(0, 0, 1, 1, persons)], dm.retriever, dm.hmm)
+    own = torch.from_numpy(np.repeat(np.asarray(persons), 2))
+    assert batch["nbr_hap"].shape == (4, 16)
+    assert not bool((batch["nbr_hap"] // 2 == own[:, None]).any())
+    assert torch.isfinite(batch["nbr_hmm"]).all()
+    with pytest.raises(SnvbertError, match="needs data.hmm.states=panel"):
+        make_dm(tiny_sim, cache_dir, hmm={"states": "neighbours", "select": "posterior"})

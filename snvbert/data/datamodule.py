@@ -35,6 +35,8 @@ from snvbert.data.retrieval import (
     copying_posteriors,
     feature_columns,
     neighbour_features,
+    panel_posteriors,
+    select_by_posterior,
     tie_jitter,
 )
 from snvbert.data.windows import Window, make_windows, split_people
@@ -352,10 +354,22 @@ def retrieve(
     jitter = batch.pop("jitter")
     off, n = int(batch.pop("win_offset")[0]), int(batch.pop("win_len")[0])
     exclude = batch["person"][:, None] == panel_person[None, :]
-    scores, idx, valid = retriever.search(query.float(), panel.float(), jitter, exclude)
-    length = batch["tokens"].shape[1]
     # One set of feature columns serves both the agreement runs and the HMM.
     cols = feature_columns(query != 0, off, n, retriever.feature_sites)
+    hmm_kw = None if hmm is None else {k: v for k, v in hmm.items() if k != "select"}
+    if hmm is not None and hmm.get("select", "score") == "posterior" and cols.numel() > 0:
+        # Neighbours chosen by the panel-state HMM: the haplotypes it copies in this window.
+        if panel_post is None:
+            post = panel_posteriors(
+                query, panel, ~exclude, ctx_morgan, cols, ne=hmm["ne"], err=hmm["err"]
+            )
+            panel_post = (post, cols)
+        scores, idx, valid = select_by_posterior(
+            *panel_post, off, n, retriever.k, query, panel, ~exclude
+        )
+    else:
+        scores, idx, valid = retriever.search(query.float(), panel.float(), jitter, exclude)
+    length = batch["tokens"].shape[1]
     alleles, left, right = neighbour_features(query, panel, idx, off, n, length, cols)
     keep = valid[:, :, None].float()
     if hmm is not None:
@@ -372,7 +386,7 @@ def retrieve(
             allowed=~exclude,
             cols=cols if panel_post is None else panel_post[1],
             panel_post=None if panel_post is None else panel_post[0],
-            **hmm,
+            **hmm_kw,
         )
     batch.update(
         nbr_hap=torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
@@ -439,7 +453,11 @@ class SNVDataModule(L.LightningDataModule):
         self.hmm = (
             None
             if hmm is None or not hmm.get("enabled", True)
-            else {k: v if k == "states" else float(v) for k, v in hmm.items() if k != "enabled"}
+            else {
+                k: v if k in ("states", "select") else float(v)
+                for k, v in hmm.items()
+                if k != "enabled"
+            }
         )
         if self.hmm is not None and self.hmm.get("states", "neighbours") not in (
             "neighbours",
@@ -448,6 +466,13 @@ class SNVDataModule(L.LightningDataModule):
             raise SnvbertError(
                 f"data.hmm.states='{self.hmm['states']}' must be 'neighbours' or 'panel'"
             )
+        if self.hmm is not None and self.hmm.get("select", "score") not in ("score", "posterior"):
+            raise SnvbertError(
+                f"data.hmm.select='{self.hmm['select']}' must be 'score' or 'posterior'"
+            )
+        if self.hmm is not None and self.hmm.get("select") == "posterior":
+            if self.hmm.get("states") != "panel":
+                raise SnvbertError("data.hmm.select=posterior needs data.hmm.states=panel")
         self.panel = None
         self._samplers: dict[str, WindowBatchSampler] = {}
 

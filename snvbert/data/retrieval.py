@@ -293,6 +293,54 @@ def copying_posteriors(
     return torch.nn.functional.pad(post_w, (0, pad)) if pad else post_w
 
 
+def panel_posteriors(
+    query: Tensor,
+    panel: Tensor,
+    allowed: Tensor,
+    ctx_morgan: Tensor,
+    cols: Tensor,
+    *,
+    ne: float,
+    err: float,
+) -> Tensor:
+    """The Li–Stephens posterior over every panel haplotype at ``cols``, (B, N, U)."""
+    switch = switch_probabilities(ctx_morgan[cols], ne, panel.shape[0])
+    return forward_backward(
+        panel[:, cols].T.contiguous(), query[:, cols].T.contiguous(), allowed, switch, err
+    )
+
+
+def select_by_posterior(
+    post: Tensor,
+    cols: Tensor,
+    win_offset: int,
+    win_len: int,
+    k: int,
+    query: Tensor,
+    panel: Tensor,
+    allowed: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The K panel rows the HMM copies most within the window: scores, idx, valid (B, K).
+
+    A haplotype's weight is its largest posterior over the columns that bear on the window (the
+    last one before it through the first one after it), so the neighbours hold the mosaic the
+    HMM actually copies there, including short segments a whole-context similarity misses.
+    Returned in order of the usual retrieval score (agreements minus disagreements).
+    """
+    lo = int(torch.searchsorted(cols, torch.tensor(win_offset, device=cols.device))) - 1
+    hi = int(torch.searchsorted(cols, torch.tensor(win_offset + win_len, device=cols.device))) + 1
+    lo, hi = max(lo, 0), min(max(hi, lo + 1), cols.numel())
+    weight = post[:, :, lo:hi].amax(-1).masked_fill(~allowed, -1.0)  # (B, N)
+    k = min(k, weight.shape[1])
+    top = torch.topk(weight, k, dim=1)
+    score = (query.float() @ panel.float().T).gather(1, top.indices)  # (B, K)
+    score = score.masked_fill(top.values < 0, float("-inf"))
+    order = torch.argsort(score, dim=1, descending=True)
+    idx, score = top.indices.gather(1, order), score.gather(1, order)
+    valid = torch.isfinite(score)
+    return torch.where(valid, score, torch.zeros_like(score)), idx, valid
+
+
 def switch_probabilities(morgan: Tensor, ne: float, n_states: int) -> Tensor:
     """Probability of a jump before each column, ``1 - exp(-4 ne d / N)`` (float32, (U,))."""
     morgan = morgan.double()
