@@ -261,24 +261,19 @@ def copying_posteriors(
         post_w = (valid_f / valid_f.sum(1, keepdim=True).clamp(min=1.0))[:, :, None]
         post_w = post_w.expand(b, k, win_len)
     else:
+        if states == "panel" and panel_post is None:
+            if allowed is None:
+                allowed = torch.ones(b, panel.shape[0], dtype=torch.bool, device=query.device)
+            panel_post = panel_posteriors(
+                query, panel, allowed, ctx_morgan, cols, ne=ne, err=err
+            )  # (B, N, U)
         if panel_post is not None:
             post = torch.take_along_dim(panel_post, idx[:, :, None], dim=1)  # (B, K, U)
-        else:
-            if states == "panel":
-                state_ok = (
-                    allowed
-                    if allowed is not None
-                    else torch.ones(b, panel.shape[0], dtype=torch.bool, device=query.device)
-                )
-                state_cols = panel[:, cols].T.contiguous()  # (U, N), shared by the batch
-                read = idx  # the posterior is read at the neighbours
-            else:
-                state_ok = valid
-                state_cols = panel[:, cols][idx].permute(2, 0, 1).contiguous()  # (U, B, K)
-                read = None
+        else:  # the K neighbours are the states
+            state_cols = panel[:, cols][idx].permute(2, 0, 1).contiguous()  # (U, B, K)
             switch = switch_probabilities(ctx_morgan[cols], ne, n_panel)
             q_cols = query[:, cols].T.contiguous()  # (U, B)
-            post = forward_backward(state_cols, q_cols, state_ok, switch, err, read)
+            post = forward_backward(state_cols, q_cols, valid, switch, err)
         post = post * valid[:, :, None]  # (B, K, U)
         n_cols = cols.numel()
         sites = torch.arange(win_offset, win_offset + win_len, device=query.device)
@@ -354,15 +349,12 @@ def forward_backward(
     state_ok: Tensor,
     switch: Tensor,
     err: float,
-    read: Tensor | None = None,
 ) -> Tensor:
-    """Scaled forward-backward: state posteriors (B, S, U), or (B, K, U) read at ``read``.
+    """Scaled forward-backward: state posteriors (B, S, U).
 
     state_cols (U, S) or (U, B, S) the states' alleles (+-1) at each column; query_cols (U, B)
     the query's (0: unobserved, emits 1); state_ok (B, S) bool (other states have probability
-    0); switch (U,) probability of a jump to a uniform state before each column; read (B, K)
-    state indices whose posterior is returned. Emissions are made one column at a time, so
-    memory holds the forward pass (U, B, S) and nothing else of that size.
+    0); switch (U,) probability of a jump to a uniform state before each column. Emissions are made one column at a time, so memory holds the forward pass (U, B, S) and nothing else of that size.
     """
     n_cols, b = query_cols.shape
     ok = state_ok.float()
@@ -381,14 +373,13 @@ def forward_backward(
         prior = (1.0 - switch[j]) * fwd[j - 1] + switch[j] * uniform
         a = prior * emission(j)
         fwd[j] = a / a.sum(1, keepdim=True).clamp(min=1e-30)
-    out = fwd if read is None else torch.empty(n_cols, b, read.shape[1], device=fwd.device)
     beta = uniform.clone()
     for j in range(n_cols - 1, -1, -1):  # backward; the posterior replaces the forward value
         g = fwd[j] * beta
         g = g / g.sum(1, keepdim=True).clamp(min=1e-30)
-        out[j] = g if read is None else g.gather(1, read)
+        fwd[j] = g
         if j:
             be = beta * emission(j)
             beta = (1.0 - switch[j]) * be + switch[j] * be.sum(1, keepdim=True) * uniform
             beta = beta / beta.sum(1, keepdim=True).clamp(min=1e-30)
-    return out.permute(1, 2, 0)
+    return fwd.permute(1, 2, 0)
