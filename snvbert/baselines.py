@@ -7,7 +7,8 @@ The model must beat what its inputs already give away: validation r² is logged 
 - ``longest``: copy, at each site, the neighbour with the longest run of agreement spanning it;
 - ``runs4``: blend all neighbours weighted by ((left run + 1)(right run + 1))^4, the measured
   rule of ../shared/DESIGN.md that comes within 0.005 of an HMM;
-- ``hmm``: the Li–Stephens posterior over the retrieved neighbours (when the data computes it).
+- ``hmm``: the Li–Stephens HMM's P(ALT) (``hmm_dose``, when the data computes it): over every
+  panel haplotype with ``data.hmm.states=panel``, over the neighbours otherwise.
 
 All four use the same people, masks and neighbours as the model, so the comparison is exact.
 """
@@ -41,11 +42,10 @@ def baseline_probs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         "longest": longest,
         "runs4": (weights * alleles).sum(1),
     }
-    if "nbr_hmm" in batch:
-        # the copying posterior renormalised over the neighbours (with panel states the K
-        # neighbours hold most, not all, of the posterior mass), as the fusion's softmax does
-        post = batch["nbr_hmm"]
-        probs["hmm"] = (post * alleles).sum(1) / post.sum(1).clamp(min=1e-12)
+    if "hmm_dose" in batch:
+        # the HMM's own P(ALT): over every panel state with data.hmm.states=panel, else over
+        # the neighbours; the model's starting point when it has the HMM skip (model.hmm_skip)
+        probs["hmm"] = batch["hmm_dose"].float()
     return probs
 
 

@@ -487,9 +487,10 @@ def test_panel_state_posteriors_match_the_full_reference_hmm():
 
     Equals snvbert.hmm's forward-backward over the allowed haplotypes (a genetic map with a
     hotspot, so switch rates vary), at typed columns and, interpolated in genetic position,
-    between them; an excluded haplotype (the query's own) gets no posterior mass.
+    between them; an excluded haplotype (the query's own) gets no posterior mass. The HMM's
+    P(ALT) over every panel state (``panel_dosage``) is that posterior summed over ALT carriers.
     """
-    from snvbert.data.retrieval import copying_posteriors
+    from snvbert.data.retrieval import copying_posteriors, panel_dosage, panel_posteriors
     from snvbert.hmm import posteriors
 
     rng = np.random.default_rng(5)
@@ -523,6 +524,12 @@ def test_panel_state_posteriors_match_the_full_reference_hmm():
         allowed=torch.from_numpy(allowed),
     )  # (2, K, n_ctx)
     cols = np.flatnonzero(typed)
+    t_cols = torch.from_numpy(cols)
+    args = (torch.from_numpy(query), torch.from_numpy(panel), torch.from_numpy(allowed))
+    panel_post = panel_posteriors(*args, torch.from_numpy(morgan), t_cols, ne=50_000.0, err=0.01)
+    dose = panel_dosage(
+        panel_post, t_cols, *args[1:], torch.from_numpy(morgan), 0, n_ctx, n_ctx
+    )  # (2, n_ctx)
     d = np.diff(morgan[cols], prepend=morgan[cols][0])
     switch = (1 - np.exp(-4 * 50_000.0 * d / n_panel)).astype(np.float32)
     for row in range(2):
@@ -539,7 +546,15 @@ def test_panel_state_posteriors_match_the_full_reference_hmm():
         w = (morgan[j] - morgan[24]) / (morgan[28] - morgan[24])
         expected = (1 - w) * full[6, idx[row].numpy()] + w * full[7, idx[row].numpy()]
         assert np.allclose(post[row][:, j].numpy(), expected, atol=1e-4)
+        # the HMM's own P(ALT) (the net's skip input): the interpolated posterior summed over
+        # the haplotypes carrying ALT, at every site, typed or not, and past the end columns
+        at_sites = np.stack([np.interp(morgan, morgan[cols], full[:, n]) for n in range(n_panel)])
+        expected_dose = (at_sites * (panel > 0)).sum(0)  # (n_ctx,)
+        assert np.allclose(dose[row].numpy(), expected_dose, atol=1e-4)
     assert switch.max() > 0.9  # the hotspot really is a near-certain switch
+    # at typed sites the HMM returns the typed allele (err=0.01 lets a few disagree)
+    typed_alt = torch.from_numpy(query[:, typed] > 0)
+    assert ((dose[:, typed] > 0.5) == typed_alt).float().mean() > 0.9
 
 
 def test_genetic_map_positions_and_bad_maps(tmp_path, tiny_sim, cache_dir):

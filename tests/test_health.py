@@ -228,7 +228,9 @@ def test_constant_head_predictions_do_not_vary(run, monkeypatch) -> None:
         return module
 
     monkeypatch.setattr(train_mod, "build_module", with_constant_head)
-    health = run()
+    # Without the HMM skip, whose logit would vary however dead the head is (the Baselines
+    # callback's val/baseline_hmm_r2 beside val/r2 shows whether the net adds to the HMM).
+    health = run("model.hmm_skip=false")
     spread = health.results["spread"]
     assert spread.status == FAIL and "0.0e+00" in spread.figure, health.table()
 
@@ -323,6 +325,7 @@ def _batch(b: int = 4, k: int = 8, length: int = 16) -> dict[str, torch.Tensor]:
         "nbr_right": left.flip(-1),
         "nbr_score": torch.randn(b, k, generator=g),
         "nbr_alleles": torch.randint(0, 2, (b, k, length), generator=g).float(),
+        "hmm_dose": torch.rand(b, length, generator=g),
         "alleles": torch.randint(0, 2, (b, length), generator=g),
         "mask": torch.ones(b, length, dtype=torch.bool),
     }

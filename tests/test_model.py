@@ -81,6 +81,11 @@ def make_fake_batch(
         valid[:, K_valid:] = False
     pos = (torch.arange(L) * 150 + 1_000_000).expand(B, L).masked_fill(pad, 0)
     site = torch.arange(L).expand(B, L).masked_fill(pad, -1)
+    # The HMM's P(ALT) stand-in: the runs rule ((left+1)(right+1))^4 over the valid neighbours,
+    # an HMM-like estimate from the same data (the real one comes from retrieval).
+    logw = 4.0 * (torch.log1p(left) + torch.log1p(right))
+    w = torch.softmax(logw.masked_fill(~valid[:, :, None], float("-inf")), dim=1)
+    hmm_dose = (w * nbr).sum(1).masked_fill(pad, 0.0)  # (B, L)
     return {
         "tokens": tokens,
         "alleles": alleles,
@@ -99,6 +104,7 @@ def make_fake_batch(
         "nbr_alleles": nbr,
         "nbr_left": left,
         "nbr_right": right,
+        "hmm_dose": hmm_dose,
     }
 
 
@@ -178,7 +184,8 @@ def test_fusion_learns_from_uniform_start_and_beats_allele_frequency(one_thread)
     torch.manual_seed(0)
     train = [make_fake_batch(B=16, L=48, K=64, seed=s) for s in range(8)]
     val = make_fake_batch(B=16, L=48, K=64, seed=99)
-    net = build_net("tiny", dropout=0.0, fusion_init_sharpness=(0.0, 0.0))
+    # No HMM skip either: the fusion alone has to find the copied sources.
+    net = build_net("tiny", dropout=0.0, fusion_init_sharpness=(0.0, 0.0), hmm_skip=False)
     uniform = net(val)["fusion_entropy"].item()
     assert uniform > 0.99  # all weights equal: normalised entropy 1
     af_baseline = _masked_bce(torch.logit(val["af"]), val)
@@ -190,11 +197,34 @@ def test_fusion_learns_from_uniform_start_and_beats_allele_frequency(one_thread)
     assert out["fusion_entropy"].item() < 0.8  # < log K: weights concentrate on the copied sources
 
 
-def test_init_prior_already_beats_allele_frequency() -> None:
+@pytest.mark.parametrize("hmm_skip", [False, True])
+def test_init_prior_already_beats_allele_frequency(hmm_skip: bool) -> None:
     torch.manual_seed(0)
     val = make_fake_batch(B=16, L=48, K=64, seed=99)
-    net = build_net("tiny", dropout=0.0).eval()
+    net = build_net("tiny", dropout=0.0, hmm_skip=hmm_skip).eval()
     assert _masked_bce(net(val)["logits"], val) < _masked_bce(torch.logit(val["af"]), val)
+
+
+def test_hmm_skip_starts_at_the_hmm_and_learns_beyond_it(one_thread) -> None:
+    """model.hmm_skip: at step 0 the net predicts the batch's HMM P(ALT); trained, it improves on
+    an HMM that is blurred (here half the dose is the allele frequency), and a batch without
+    the HMM's dosage is a clear error, not a silent logit of 0."""
+    torch.manual_seed(0)
+
+    def blurred(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**batch, "hmm_dose": 0.5 * batch["hmm_dose"] + 0.5 * batch["af"]}
+
+    train = [blurred(make_fake_batch(B=16, L=48, K=64, seed=s)) for s in range(8)]
+    val = blurred(make_fake_batch(B=16, L=48, K=64, seed=99))
+    net = build_net("tiny", dropout=0.0).eval()
+    p0 = torch.sigmoid(net(val)["logits"])
+    assert (p0 - val["hmm_dose"])[~val["pad"]].abs().max() < 0.1
+    hmm_bce = _masked_bce(torch.logit(val["hmm_dose"], eps=1e-4), val)
+    assert abs(_masked_bce(net(val)["logits"], val) - hmm_bce) < 0.02 * hmm_bce
+    _train(net, train, steps=60, lr=3e-3)
+    assert _masked_bce(net(val)["logits"], val) < 0.8 * hmm_bce
+    with pytest.raises(ValueError, match="hmm_skip"):
+        net({k: v for k, v in val.items() if k != "hmm_dose"})
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))

@@ -91,8 +91,10 @@ def test_short_run_learns_and_validation_moves(tmp_path, tiny_sim):
         "schedule.warmup_steps=10",
         "data.curriculum.levels=[{strategy: random, rate: 0.3},{strategy: array, spacing_bp: 5000}]",
         "trainer.limit_val_batches=10",
-        # start from uniform neighbour weights (no near-HMM prior), so learning must show
+        # start from uniform neighbour weights (no near-HMM prior) and without the HMM skip
+        # (whose start is the HMM itself), so learning must show
         "model.fusion_init_sharpness=[0.0,0.0]",
+        "model.hmm_skip=false",
     ]
     cfg = compose_train(
         tmp_path / "t",

@@ -35,6 +35,7 @@ from snvbert.data.retrieval import (
     copying_posteriors,
     feature_columns,
     neighbour_features,
+    panel_dosage,
     panel_posteriors,
     select_by_posterior,
     tie_jitter,
@@ -357,13 +358,16 @@ def retrieve(
     # One set of feature columns serves both the agreement runs and the HMM.
     cols = feature_columns(query != 0, off, n, retriever.feature_sites)
     hmm_kw = None if hmm is None else {k: v for k, v in hmm.items() if k != "select"}
-    if hmm is not None and hmm.get("select", "score") == "posterior" and cols.numel() > 0:
+    panel_states = hmm is not None and hmm.get("states", "neighbours") == "panel"
+    if panel_states and panel_post is None and cols.numel() > 0:
+        # One panel-state HMM per batch serves the neighbours' posteriors, the panel dosage
+        # and (select=posterior) the choice of neighbours.
+        post = panel_posteriors(
+            query, panel, ~exclude, ctx_morgan, cols, ne=hmm["ne"], err=hmm["err"]
+        )
+        panel_post = (post, cols)
+    if hmm is not None and hmm.get("select", "score") == "posterior" and panel_post is not None:
         # Neighbours chosen by the panel-state HMM: the haplotypes it copies in this window.
-        if panel_post is None:
-            post = panel_posteriors(
-                query, panel, ~exclude, ctx_morgan, cols, ne=hmm["ne"], err=hmm["err"]
-            )
-            panel_post = (post, cols)
         scores, idx, valid = select_by_posterior(
             *panel_post, off, n, retriever.k, query, panel, ~exclude
         )
@@ -388,6 +392,20 @@ def retrieve(
             panel_post=None if panel_post is None else panel_post[0],
             **hmm_kw,
         )
+        if panel_states:  # the HMM's own P(ALT) over every panel state
+            batch["hmm_dose"] = panel_dosage(
+                None if panel_post is None else panel_post[0],
+                cols if panel_post is None else panel_post[1],
+                panel,
+                ~exclude,
+                ctx_morgan,
+                off,
+                n,
+                length,
+            )
+        else:  # over the K neighbour states, whose posterior sums to 1
+            post = batch["nbr_hmm"] * valid[:, :, None]
+            batch["hmm_dose"] = (post * alleles).sum(1) / post.sum(1).clamp(min=1e-12)
     batch.update(
         nbr_hap=torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
         nbr_valid=valid,

@@ -275,17 +275,65 @@ def copying_posteriors(
             q_cols = query[:, cols].T.contiguous()  # (U, B)
             post = forward_backward(state_cols, q_cols, valid, switch, err)
         post = post * valid[:, :, None]  # (B, K, U)
-        n_cols = cols.numel()
-        sites = torch.arange(win_offset, win_offset + win_len, device=query.device)
-        right = torch.searchsorted(cols, sites, right=False).clamp(max=n_cols - 1)
-        left = (torch.searchsorted(cols, sites, right=True) - 1).clamp(min=0)
-        g_left, g_right = ctx_morgan[cols[left]].double(), ctx_morgan[cols[right]].double()
-        span = g_right - g_left
-        w = torch.where(span > 0, (ctx_morgan[sites].double() - g_left) / span, 0.0)
-        w = w.clamp(0, 1).float()
+        left, right, w = site_interpolation(cols, ctx_morgan, win_offset, win_len)
         post_w = (1 - w) * post.index_select(2, left) + w * post.index_select(2, right)
     pad = length - win_len
     return torch.nn.functional.pad(post_w, (0, pad)) if pad else post_w
+
+
+def site_interpolation(
+    cols: Tensor, ctx_morgan: Tensor, win_offset: int, win_len: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For each window site, the HMM columns either side and the weight of the right one.
+
+    Returns left, right (win_len,) indices into ``cols`` and w (win_len,) float32: a quantity
+    known at the columns is ``(1 - w) * at[left] + w * at[right]`` at the site, linear in genetic
+    position (``cols`` must be non-empty; a site beyond the ends takes the nearest column).
+    """
+    n_cols = cols.numel()
+    sites = torch.arange(win_offset, win_offset + win_len, device=cols.device)
+    right = torch.searchsorted(cols, sites, right=False).clamp(max=n_cols - 1)
+    left = (torch.searchsorted(cols, sites, right=True) - 1).clamp(min=0)
+    g_left, g_right = ctx_morgan[cols[left]].double(), ctx_morgan[cols[right]].double()
+    span = g_right - g_left
+    w = torch.where(span > 0, (ctx_morgan[sites].double() - g_left) / span, 0.0)
+    return left, right, w.clamp(0, 1).float()
+
+
+def panel_dosage(
+    panel_post: Tensor | None,
+    cols: Tensor,
+    panel: Tensor,
+    allowed: Tensor,
+    ctx_morgan: Tensor,
+    win_offset: int,
+    win_len: int,
+    length: int,
+) -> Tensor:
+    """The Li–Stephens P(ALT) at each window site over every panel state, (B, length).
+
+    ``panel_post`` (B, N, U) the panel-state posteriors at ``cols`` (None or no column: the
+    uniform copying prior over the ``allowed`` (B, N) rows, i.e. their ALT frequency). At a site,
+    the posterior interpolated between the columns either side (:func:`site_interpolation`) is
+    summed over the haplotypes carrying ALT: the HMM's own imputation, which the network takes
+    as its starting logit and corrects. Only the columns some site reads are multiplied out, so
+    the cost is (B x N x those columns x window) however wide the context.
+    """
+    alt = (panel[:, win_offset : win_offset + win_len] > 0).float()  # (N, W)
+    if panel_post is None or cols.numel() == 0:
+        ok = allowed.float()
+        dose = (ok @ alt) / ok.sum(1, keepdim=True).clamp(min=1.0)  # (B, W)
+    else:
+        left, right, w = site_interpolation(cols, ctx_morgan, win_offset, win_len)
+        used, inverse = torch.unique(torch.cat([left, right]), return_inverse=True)
+        # (B, used, W): each used column's posterior summed over ALT carriers at every site
+        at_cols = torch.matmul(panel_post.index_select(2, used).transpose(1, 2), alt)
+        sites = torch.arange(win_len, device=alt.device)
+        n = win_len
+        dose = (1 - w) * at_cols[:, inverse[:n], sites] + w * at_cols[:, inverse[n:], sites]
+    dose = dose.clamp(0.0, 1.0)
+    pad = length - win_len
+    return torch.nn.functional.pad(dose, (0, pad)) if pad else dose
 
 
 def panel_posteriors(

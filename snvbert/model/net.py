@@ -37,6 +37,8 @@ N_FUSION_OUTPUTS = 3
 _LOGIT_EPS = 1e-3
 # Scale of the logit(p) fusion output, so it enters the residual stream at about unit size.
 _LOGIT_SCALE = 4.0
+# Clamp for logit of the HMM's P(ALT) in the skip input: |logit| <= 9.2.
+_HMM_EPS = 1e-4
 
 
 @dataclass
@@ -53,6 +55,10 @@ class NetConfig:
     fusion_init_sharpness: tuple[float, float] = (2.0, 5.0)
     dist_unit_bp: float = 100.0  # genomic distance unit of the sinusoidal encoding
     bias: bool = True
+    # Add gain * logit(hmm_dose), the data's Li–Stephens P(ALT) over every panel state, to the
+    # output logit, with the rest of the head starting near 0: the net starts as the HMM and
+    # learns corrections to it.
+    hmm_skip: bool = True
 
     def __post_init__(self) -> None:
         # Hydra hands lists as ListConfig; store plain tuples so the config pickles and compares.
@@ -312,6 +318,8 @@ class SNVBertNet(nn.Module):
         # neighbour vote to the logit that does not have to survive the blocks.
         self.n_summary = N_FUSION_OUTPUTS * cfg.fusion_heads
         self.head = nn.Linear(cfg.d_model + self.n_summary, 1)
+        if cfg.hmm_skip:
+            self.hmm_gain = nn.Parameter(torch.ones(()))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -326,9 +334,15 @@ class SNVBertNet(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
         for f in self.fusion.values():
             f.reset_query_bias()
-        # The shortcut starts as the mean over fusion heads of logit(p_h): at step 0 the net
-        # already predicts like the measured near-HMM rule wherever neighbours are given.
-        if self.config.fusion_layers:
+        if self.config.hmm_skip:
+            # The HMM skip carries the prediction at step 0; the head reads the fusion summary
+            # with weight 0 and the residual stream with the usual small weights (a correction of
+            # ~0.2 in logit; zero weights would starve every block of gradient at the start).
+            with torch.no_grad():
+                self.head.weight[0, self.config.d_model :] = 0.0
+        elif self.config.fusion_layers:
+            # The shortcut starts as the mean over fusion heads of logit(p_h): at step 0 the net
+            # already predicts like the measured near-HMM rule wherever neighbours are given.
             H, D = self.config.fusion_heads, self.config.d_model
             with torch.no_grad():
                 self.head.weight[0, D + H : D + 2 * H] = _LOGIT_SCALE / H
@@ -370,6 +384,14 @@ class SNVBertNet(nn.Module):
                 x = self.blocks[depth](x, keep)
 
         logits = self.head(torch.cat([self.ln_f(x), summary], dim=-1)).squeeze(-1)  # (B, L)
+        if self.config.hmm_skip and nbr is not None:
+            if "hmm_dose" not in batch:
+                raise ValueError(
+                    "model.hmm_skip needs the HMM's dosage in the batch (data.hmm.enabled=true); "
+                    "set model.hmm_skip=false to train without it"
+                )
+            dose = batch["hmm_dose"].float()
+            logits = logits.float() + self.hmm_gain * torch.logit(dose, eps=_HMM_EPS)
         entropy = torch.stack(entropies).mean() if entropies else logits.new_tensor(float("nan"))
         out = {"logits": logits, "fusion_entropy": entropy}
         if return_weights and weights is not None:
@@ -393,7 +415,7 @@ class SNVBertNet(nn.Module):
                 groups[f"block.{name.split('.')[1]}"].append(p)
             elif part == "fusion":
                 groups["fusion"].append(p)
-            elif part in ("ln_f", "head"):
+            elif part in ("ln_f", "head", "hmm_gain"):
                 groups["head"].append(p)
             else:
                 raise AssertionError(f"parameter {name} belongs to no group")
