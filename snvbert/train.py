@@ -61,6 +61,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (and optionally test) a model; return the final metrics and the built objects."""
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data)
+    if cfg.model.get("hmm_skip", False) and datamodule.hmm is None:
+        raise SnvbertError(
+            "model.hmm_skip=true adds the HMM's P(ALT) to the output, but data.hmm.enabled=false: "
+            "enable the HMM or set model.hmm_skip=false"
+        )
     # Read the data before building the trainer: bad input fails fast, in one line.
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -171,6 +171,17 @@ def test_bad_panel_is_one_line(tmp_path):
     assert last.startswith("snvbert: error:") and str(bad) in last
 
 
+def test_hmm_skip_without_the_hmm_is_a_config_error(tmp_path, tiny_sim):
+    """The skip needs the HMM's dosage: refused before any data is read, not deep in a step."""
+    from snvbert.errors import SnvbertError
+
+    cfg = compose_train(tmp_path, tiny_sim, "data.hmm.enabled=false")
+    with pytest.raises(SnvbertError, match="model.hmm_skip=false"):
+        train(cfg)
+    cfg = compose_train(tmp_path, tiny_sim, "data.hmm.enabled=false", "model.hmm_skip=false")
+    assert build_module(cfg).net.config.hmm_skip is False
+
+
 @pytest.mark.slow
 def test_optuna_sweep_runs_trials_and_reports_the_best(tmp_path, tiny_sim):
     cmd = [

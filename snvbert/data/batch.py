@@ -37,6 +37,9 @@ Added by retrieval (``SNVDataModule.on_after_batch_transfer``, on the batch's de
                                   (when ``data.hmm.enabled``); sums to 1 over valid neighbours with
                                   ``data.hmm.states=neighbours``, to the neighbours' share of the
                                   posterior (<= 1) with ``states=panel``
+- ``hmm_dose``   (B, L)    float  the HMM's own P(ALT) at each site: its posterior summed over the
+                                  states carrying ALT (every allowed panel haplotype with
+                                  ``states=panel``, the neighbours otherwise); the net's skip input
 """
 
 from __future__ import annotations

@@ -329,8 +329,8 @@ def panel_dosage(
         # (B, used, W): each used column's posterior summed over ALT carriers at every site
         at_cols = torch.matmul(panel_post.index_select(2, used).transpose(1, 2), alt)
         sites = torch.arange(win_len, device=alt.device)
-        n = win_len
-        dose = (1 - w) * at_cols[:, inverse[:n], sites] + w * at_cols[:, inverse[n:], sites]
+        at_left, at_right = inverse[:win_len], inverse[win_len:]
+        dose = (1 - w) * at_cols[:, at_left, sites] + w * at_cols[:, at_right, sites]
     dose = dose.clamp(0.0, 1.0)
     pad = length - win_len
     return torch.nn.functional.pad(dose, (0, pad)) if pad else dose
