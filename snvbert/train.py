@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from snvbert.errors import SnvbertError
 from snvbert.model.module import SNVBertModule
+from snvbert.model.net import NetConfig
 from snvbert.utils.cli import user_errors_exit
 
 log = logging.getLogger("snvbert.train")
@@ -61,7 +62,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (and optionally test) a model; return the final metrics and the built objects."""
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data)
-    if cfg.model.get("hmm_skip", False) and datamodule.hmm is None:
+    if cfg.model.get("hmm_skip", NetConfig.hmm_skip) and datamodule.hmm is None:
         raise SnvbertError(
             "model.hmm_skip=true adds the HMM's P(ALT) to the output, but data.hmm.enabled=false: "
             "enable the HMM or set model.hmm_skip=false"

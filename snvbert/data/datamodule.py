@@ -377,6 +377,7 @@ def retrieve(
     alleles, left, right = neighbour_features(query, panel, idx, off, n, length, cols)
     keep = valid[:, :, None].float()
     if hmm is not None:
+        post_states, post_cols = (None, cols) if panel_post is None else panel_post
         batch["nbr_hmm"] = copying_posteriors(
             query,
             panel,
@@ -388,20 +389,13 @@ def retrieve(
             length,
             n_panel=panel.shape[0],
             allowed=~exclude,
-            cols=cols if panel_post is None else panel_post[1],
-            panel_post=None if panel_post is None else panel_post[0],
+            cols=post_cols,
+            panel_post=post_states,
             **hmm_kw,
         )
         if panel_states:  # the HMM's own P(ALT) over every panel state
             batch["hmm_dose"] = panel_dosage(
-                None if panel_post is None else panel_post[0],
-                cols if panel_post is None else panel_post[1],
-                panel,
-                ~exclude,
-                ctx_morgan,
-                off,
-                n,
-                length,
+                post_states, post_cols, panel, ~exclude, ctx_morgan, off, n, length
             )
         else:  # over the K neighbour states, whose posterior sums to 1
             post = batch["nbr_hmm"] * valid[:, :, None]

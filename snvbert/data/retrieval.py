@@ -402,7 +402,9 @@ def forward_backward(
 
     state_cols (U, S) or (U, B, S) the states' alleles (+-1) at each column; query_cols (U, B)
     the query's (0: unobserved, emits 1); state_ok (B, S) bool (other states have probability
-    0); switch (U,) probability of a jump to a uniform state before each column. Emissions are made one column at a time, so memory holds the forward pass (U, B, S) and nothing else of that size.
+    0); switch (U,) probability of a jump to a uniform state before each column. Emissions are
+    made one column at a time, so memory holds the forward pass (U, B, S) and nothing else of
+    that size.
     """
     n_cols, b = query_cols.shape
     ok = state_ok.float()
