@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from snvbert.data.genetic_map import genetic_positions
+from snvbert.data.retrieval import estimate_err
 from snvbert.data.vcf import load_panel
 from snvbert.impute import prepare_target, write_imputed
 
@@ -64,12 +66,15 @@ def impute_hmm(
     *,
     genetic_map: str | os.PathLike | None = None,
     ne: float = 150_000.0,  # measured best of 20k-600k on the 5 Mb scenario (seed 1)
-    err: float = 0.002,
+    err: float | str = "auto",
     batch_haps: int = 32,
     cache_dir: str | os.PathLike = ".snvbert_cache",
     progress: bool = True,
 ) -> dict[str, int]:
-    """Impute ``target`` against ``panel`` with the HMM; write ``out`` like snvbert.impute does."""
+    """Impute ``target`` against ``panel`` with the HMM; write ``out`` like snvbert.impute does.
+
+    ``err`` the mismatch rate, or ``auto``: fitted to the targets by EM, as snvbert.impute does.
+    """
     panel_path, target_path = Path(panel), Path(target)
     pan = load_panel(panel_path, cache_dir=cache_dir, progress=progress)
     tgt, match, calls = prepare_target(pan, target_path, panel_path)
@@ -79,6 +84,14 @@ def impute_hmm(
     d = np.diff(morgans[typed], prepend=morgans[typed[0]])
     switch = (1.0 - np.exp(-4.0 * ne * np.maximum(d, 1e-10) / n_haps)).astype(np.float32)
     ref_typed = np.asarray(pan.haplotypes[typed])  # (m, N)
+    if err == "auto":
+        err = estimate_err(
+            torch.from_numpy(2 * ref_typed.astype(np.int8) - 1),
+            torch.from_numpy(np.where(calls < 0, 0, 2 * calls.astype(np.int8) - 1)),
+            None,
+            torch.from_numpy(switch),
+        )
+    err = float(err)
 
     # Each site's flanking typed sites and interpolation weight (nearest one outside the ends).
     right = np.clip(np.searchsorted(typed, np.arange(pan.n_sites), side="left"), 0, len(typed) - 1)
@@ -116,6 +129,6 @@ def impute_hmm(
         calls,
         probs,
         panel_path,
-        f"hmm panel={panel_path} target={target_path} ne={ne} err={err}",
+        f"hmm panel={panel_path} target={target_path} ne={ne} err={err:.3g}",
     )
-    return {"written": n, "typed": int(len(typed)), "imputed": pan.n_sites - len(typed)}
+    return {"written": n, "typed": int(len(typed)), "imputed": pan.n_sites - len(typed), "err": err}

@@ -557,6 +557,33 @@ def test_panel_state_posteriors_match_the_full_reference_hmm():
     assert ((dose[:, typed] > 0.5) == typed_alt).float().mean() > 0.9
 
 
+def test_fitted_hmm_error_rate_follows_the_calls_error_rate(tiny_sim, cache_dir):
+    """estimate_err (EM on the HMM's mismatch rate) recovers the rate of flipped alleles in
+    queries copied from a real simulated panel, and on error-free calls falls to near zero but
+    not below Li and Stephens' rate."""
+    from snvbert.data.retrieval import estimate_err, li_stephens_err, switch_probabilities
+    from snvbert.data.vcf import load_panel
+
+    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache_dir, progress=False)
+    haps = np.asarray(pan.haplotypes).astype(np.int8)  # (sites, N) 0/1
+    cols = np.arange(0, pan.n_sites, 3)
+    states = torch.from_numpy(2 * haps[cols] - 1)  # (U, N)
+    people = np.arange(0, pan.n_samples, 3)
+    queries = np.stack([2 * people, 2 * people + 1], 1).ravel()  # both haplotypes of a third
+    allowed = torch.from_numpy(np.repeat(people, 2)[:, None] != np.arange(pan.n_haps)[None] // 2)
+    switch = switch_probabilities(torch.from_numpy(pan.pos[cols] * 1e-8), 150_000.0, pan.n_haps)
+    rng = np.random.default_rng(3)
+    clean = 2 * haps[cols][:, queries] - 1  # (U, Q)
+    fitted = {}
+    for rate in (0.0, 0.02):
+        q = np.where(rng.random(clean.shape) < rate, -clean, clean)
+        q[rng.random(clean.shape) < 0.05] = 0  # missing calls are not counted
+        fitted[rate] = estimate_err(states, torch.from_numpy(q.astype(np.int8)), allowed, switch)
+    assert 0.014 < fitted[0.02] < 0.028, fitted
+    assert li_stephens_err(pan.n_haps) <= fitted[0.0] < fitted[0.02] / 4, fitted
+    assert li_stephens_err(2000) == pytest.approx(3.06e-5, rel=0.01)
+
+
 def test_genetic_map_positions_and_bad_maps(tmp_path, tiny_sim, cache_dir):
     """A PLINK map is interpolated in bp; bad maps are one-line errors naming the file; the
     simulated map beside a panel is picked up and recorded for imputation."""

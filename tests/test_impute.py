@@ -365,3 +365,48 @@ def test_chromosome_wide_hmm_equals_the_per_window_hmm(
     assert len(calls_seen) == 4
     assert not np.isnan(whole).any()
     assert np.allclose(whole, per_window, atol=2e-4)
+
+
+def test_hmm_mismatch_rate_is_fitted_to_the_targets(
+    clean, tiny_ckpt: Path, tiny_sim: Path, cache: Path
+) -> None:
+    """hmm_err=auto: the HMM feature's mismatch rate is fitted to the targets' calls (reported in
+    the summary); flipped calls raise it; hmm_err=train keeps the checkpoint's, a number sets
+    it (and changes the imputation); anything else is a one-line error."""
+    import torch
+
+    from snvbert.data.genetic_map import genetic_positions
+    from snvbert.data.retrieval import li_stephens_err
+    from snvbert.data.vcf import load_panel
+
+    _, summary = clean
+    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
+    assert li_stephens_err(pan.n_haps) <= summary["hmm_err"] < 0.05
+    model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
+    _, match, calls = imp.prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
+    targets = -1 - np.arange(calls.shape[1] // 2)
+    args = (model, pan, match.panel_index)
+    rest = (targets, np.arange(pan.n_samples), genetic_positions(pan.pos, None))
+    fitted = imp.fit_hmm_err(*args, calls, *rest, torch.device("cpu"))
+    assert fitted == pytest.approx(summary["hmm_err"])
+    flipped = calls.copy()
+    flip = np.random.default_rng(0).random(calls.shape) < 0.1
+    flipped[flip] = 1 - flipped[flip]
+    assert imp.fit_hmm_err(*args, flipped, *rest, torch.device("cpu")) > fitted + 0.03
+
+    kwargs = {
+        "af": pan.alt_freq(np.arange(pan.n_samples)),
+        "k": 16,
+        "batch_size": 5,
+        "device": torch.device("cpu"),
+        "autocast": None,
+        "progress": False,
+    }
+    trained = imp.predict(*args, calls, targets, np.arange(pan.n_samples), **kwargs)
+    loose = imp.predict(*args, calls, targets, np.arange(pan.n_samples), hmm_err=0.2, **kwargs)
+    assert np.abs(trained - loose).max() > 0.05
+    assert imp._resolve_hmm_err("train") is None
+    assert imp._resolve_hmm_err("1e-3") == 0.001
+    for bad in ("often", "0.7", "0"):
+        with pytest.raises(SnvbertError, match=f"hmm_err={bad} must be auto, train or a rate"):
+            imp._resolve_hmm_err(bad)
