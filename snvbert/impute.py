@@ -343,6 +343,10 @@ def predict(
     return probs
 
 
+# Largest chromosome-wide HMM forward pass kept in memory (float32), per chunk of people.
+HMM_MEMORY_BYTES = 3 * 1024**3
+
+
 def _typed_states(
     panel: Panel,
     typed_sites: np.ndarray,
@@ -396,12 +400,9 @@ def fit_hmm_err(
     persons = np.repeat(query_persons, 2)[:ERR_FIT_HAPS]
     q = torch.from_numpy(np.where(calls < 0, 0, 2 * calls.astype(np.int8) - 1)).to(device)
     allowed = torch.from_numpy(persons[:, None] != np.repeat(ref_persons, 2)[None, :]).to(device)
-    batch = max(1, HMM_MEMORY_BYTES // max(1, ref_typed.numel() * 4 * 2))
+    # per query: the forward pass (4 bytes a state and site), the posterior product and mask
+    batch = max(1, HMM_MEMORY_BYTES // max(1, ref_typed.numel() * 12))
     return estimate_err(ref_typed, q, allowed, switch, start=float(hmm["err"]), batch=batch)
-
-
-# Largest chromosome-wide HMM forward pass kept in memory (float32), per chunk of people.
-HMM_MEMORY_BYTES = 3 * 1024**3
 
 
 def _whole_chromosome_hmm(
@@ -622,6 +623,7 @@ def impute(
         raise SnvbertError(f"reference='{reference}' must be 'all' or 'train'")
     if int(batch_size) < 1:
         raise SnvbertError(f"batch_size={batch_size} must be at least 1")
+    err = _resolve_hmm_err(hmm_err)
     dev = _resolve_device(str(device))
     autocast = _autocast_dtype(str(precision), dev)
     model = load_trained(ckpt, dev)
@@ -665,7 +667,6 @@ def impute(
             path=gmap,
         )
     morgans = genetic_positions(pan.pos, gmap)
-    err = _resolve_hmm_err(hmm_err)
     if err == "auto":
         err = fit_hmm_err(
             model, pan, match.panel_index, calls, query_persons, ref_persons, morgans, dev
