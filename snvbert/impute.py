@@ -385,7 +385,7 @@ def fit_hmm_err(
     Genotyping errors and phase switches raise it, an error-free array lowers it towards Li and
     Stephens' value; a fixed rate is right for one kind of array only (on the 5 Mb scenario the
     whole-panel HMM's r² is 0.9719 at 1e-4 and 0.9714 at 0.002 on the clean array, 0.9620 and
-    0.9646 on the one with 0.2 % errors). At most ERR_FIT_SITES typed sites (the middle ones) and
+    0.9646 on the realistic one, with 0.5 % genotype errors). At most ERR_FIT_SITES typed sites (the middle ones) and
     ERR_FIT_HAPS target haplotypes are used, the HMM over the reference haplotypes.
     """
     hmm = model.describe.get("hmm")
@@ -707,7 +707,7 @@ def impute(
         "reference_people": int(len(ref_persons)),
         "k": k_used,
         "genetic_map": None if gmap is None else str(gmap),
-        "hmm_err": err,
+        "hmm_err": err if err is not None else (describe.get("hmm") or {}).get("err"),
         "sites": {
             "written": n_written,
             "imputed": pan.n_sites - n_matched,
