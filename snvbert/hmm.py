@@ -24,7 +24,7 @@ from tqdm import tqdm
 from snvbert.data.genetic_map import genetic_positions
 from snvbert.data.retrieval import estimate_err
 from snvbert.data.vcf import load_panel
-from snvbert.impute import prepare_target, write_imputed
+from snvbert.impute import hmm_query, prepare_target, write_imputed
 
 
 def posteriors(obs: np.ndarray, ref: np.ndarray, switch: np.ndarray, err: float) -> np.ndarray:
@@ -87,7 +87,7 @@ def impute_hmm(
     if err == "auto":
         err = estimate_err(
             torch.from_numpy(2 * ref_typed.astype(np.int8) - 1),
-            torch.from_numpy(np.where(calls < 0, 0, 2 * calls.astype(np.int8) - 1)),
+            hmm_query(calls),
             None,
             torch.from_numpy(switch),
         )

@@ -293,8 +293,7 @@ def predict(
         calls_all = typed_alleles[:, rows]  # (m, B) 0/1, -1 missing
         post_all = None
         if whole:
-            q = torch.from_numpy(np.where(calls_all < 0, 0, 2 * calls_all - 1).astype(np.int8))
-            allowed = torch.from_numpy(persons[:, None] != np.repeat(ref_persons, 2)[None, :])
+            q, allowed = hmm_query(calls_all), _allowed_states(persons, ref_persons)
             post_all = forward_backward(
                 ref_typed, q.to(device), allowed.to(device), switch, float(hmm["err"])
             )  # (B, N, m)
@@ -365,6 +364,16 @@ def _typed_states(
     return ref_typed, switch
 
 
+def hmm_query(calls: np.ndarray) -> torch.Tensor:
+    """Calls (m, B) 0/1, -1 missing, as the HMM's query: int8 +-1, 0 where missing."""
+    return torch.from_numpy(np.where(calls < 0, 0, 2 * calls.astype(np.int8) - 1).astype(np.int8))
+
+
+def _allowed_states(persons: np.ndarray, ref_persons: np.ndarray) -> torch.Tensor:
+    """(B, N) bool: which reference haplotypes each query may copy (never its own person's)."""
+    return torch.from_numpy(persons[:, None] != np.repeat(ref_persons, 2)[None, :])
+
+
 # At most this many typed sites and target haplotypes inform the estimated HMM error rate.
 ERR_FIT_SITES = 4000
 ERR_FIT_HAPS = 256
@@ -385,8 +394,9 @@ def fit_hmm_err(
     Genotyping errors and phase switches raise it, an error-free array lowers it towards Li and
     Stephens' value; a fixed rate is right for one kind of array only (on the 5 Mb scenario the
     whole-panel HMM's r² is 0.9719 at 1e-4 and 0.9714 at 0.002 on the clean array, 0.9620 and
-    0.9646 on the realistic one, with 0.5 % genotype errors). At most ERR_FIT_SITES typed sites (the middle ones) and
-    ERR_FIT_HAPS target haplotypes are used, the HMM over the reference haplotypes.
+    0.9646 on the realistic one, with 0.5 % genotype errors). At most ERR_FIT_SITES typed sites
+    (the middle ones) and ERR_FIT_HAPS target haplotypes are used, the HMM over the reference
+    haplotypes.
     """
     hmm = model.describe.get("hmm")
     if hmm is None or len(typed_sites) < 2:
@@ -398,8 +408,7 @@ def fit_hmm_err(
     ref_typed, switch = _typed_states(panel, typed_sites[sites], ref_haps, morgans, hmm, device)
     calls = typed_alleles[sites, :ERR_FIT_HAPS]
     persons = np.repeat(query_persons, 2)[:ERR_FIT_HAPS]
-    q = torch.from_numpy(np.where(calls < 0, 0, 2 * calls.astype(np.int8) - 1)).to(device)
-    allowed = torch.from_numpy(persons[:, None] != np.repeat(ref_persons, 2)[None, :]).to(device)
+    q, allowed = hmm_query(calls).to(device), _allowed_states(persons, ref_persons).to(device)
     # per query: the forward pass (4 bytes a state and site), the posterior product and mask
     batch = max(1, HMM_MEMORY_BYTES // max(1, ref_typed.numel() * 12))
     return estimate_err(ref_typed, q, allowed, switch, start=float(hmm["err"]), batch=batch)
@@ -579,8 +588,10 @@ def _header(chrom: str, length: int | None, samples: list[str], command: str) ->
 
 def _resolve_hmm_err(value: str | float | None) -> str | float | None:
     """impute's hmm_err: 'auto', 'train' (None: the checkpoint's value) or a rate in (0, 0.5)."""
-    if value in ("auto", "train", None):
-        return None if value in ("train", None) else "auto"
+    if value == "auto":
+        return "auto"
+    if value in ("train", None):
+        return None
     try:
         rate = float(value)
     except (TypeError, ValueError):

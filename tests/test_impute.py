@@ -324,6 +324,21 @@ def test_dosage_r2_is_one_for_certain_calls_and_zero_without_information() -> No
     assert dosage_r2(flat)[0] == pytest.approx(0.0)
 
 
+def _predict_kwargs(pan, batch_size: int, **extra) -> dict:
+    """predict's keyword arguments for the tiny panel: every panel person a reference, CPU."""
+    import torch
+
+    return {
+        "af": pan.alt_freq(np.arange(pan.n_samples)),
+        "k": 16,
+        "batch_size": batch_size,
+        "device": torch.device("cpu"),
+        "autocast": None,
+        "progress": False,
+        **extra,
+    }
+
+
 def test_chromosome_wide_hmm_equals_the_per_window_hmm(
     tiny_ckpt: Path, tiny_sim: Path, cache: Path, monkeypatch
 ) -> None:
@@ -344,15 +359,7 @@ def test_chromosome_wide_hmm_equals_the_per_window_hmm(
     calls[3, 1] = calls[7, 4] = -1  # missing calls: emitted as 1, predicted
     targets = np.arange(calls.shape[1] // 2)
     args = (model, pan, match.panel_index, calls, -1 - targets, np.arange(pan.n_samples))
-    kwargs = {
-        "af": pan.alt_freq(np.arange(pan.n_samples)),
-        "k": 16,
-        "batch_size": 3,
-        "device": torch.device("cpu"),
-        "autocast": None,
-        "progress": False,
-        "morgans": genetic_positions(pan.pos, tiny_sim / "map.plink"),
-    }
+    kwargs = _predict_kwargs(pan, 3, morgans=genetic_positions(pan.pos, tiny_sim / "map.plink"))
     calls_seen = []
     real = imp.forward_backward
     monkeypatch.setattr(
@@ -394,14 +401,7 @@ def test_hmm_mismatch_rate_is_fitted_to_the_targets(
     flipped[flip] = 1 - flipped[flip]
     assert imp.fit_hmm_err(*args, flipped, *rest, torch.device("cpu")) > fitted + 0.03
 
-    kwargs = {
-        "af": pan.alt_freq(np.arange(pan.n_samples)),
-        "k": 16,
-        "batch_size": 5,
-        "device": torch.device("cpu"),
-        "autocast": None,
-        "progress": False,
-    }
+    kwargs = _predict_kwargs(pan, 5)
     trained = imp.predict(*args, calls, targets, np.arange(pan.n_samples), **kwargs)
     loose = imp.predict(*args, calls, targets, np.arange(pan.n_samples), hmm_err=0.2, **kwargs)
     assert np.abs(trained - loose).max() > 0.05

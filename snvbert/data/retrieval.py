@@ -424,16 +424,16 @@ def estimate_err(
     """
     floor = li_stephens_err(state_cols.shape[1])
     err = max(float(start), floor)
+    if state_ok is None:
+        state_ok = torch.ones(
+            query_cols.shape[1], state_cols.shape[1], dtype=torch.bool, device=query_cols.device
+        )
     for _ in range(max_iter):
         mismatch, observed = 0.0, 0
         for lo in range(0, query_cols.shape[1], batch):
             q = query_cols[:, lo : lo + batch]
-            ok = (
-                torch.ones(q.shape[1], state_cols.shape[1], dtype=torch.bool, device=q.device)
-                if state_ok is None
-                else state_ok[lo : lo + batch]
-            )
-            post = forward_backward(state_cols, q, ok, switch, err)  # (B, S, U)
+            post = forward_backward(state_cols, q, state_ok[lo : lo + batch], switch, err)
+            # post (B, S, U); an observed allele the copied state does not carry
             differs = (state_cols.T[None, :, :] != q.T[:, None, :]) & (q.T[:, None, :] != 0)
             mismatch += float((post * differs).sum())
             observed += int((q != 0).sum())
