@@ -658,3 +658,37 @@ def test_select_by_posterior_finds_the_copied_haplotypes(tiny_sim, cache_dir):
     assert torch.isfinite(batch["nbr_hmm"]).all()
     with pytest.raises(SnvbertError, match="needs data.hmm.states=panel"):
         make_dm(tiny_sim, cache_dir, hmm={"states": "neighbours", "select": "posterior"})
+
+
+def test_training_batches_draw_the_hmm_mismatch_rate_and_validation_keeps_err(tiny_sim, cache_dir):
+    """data.hmm.err_max: each training batch's HMM mismatch rate is drawn log-uniformly from
+    [err, err_max], the same for the same step (a resumed run draws alike); validation uses err.
+    The drawn rate reaches the batch: the HMM's P(ALT) of one batch differs between two draws."""
+    from snvbert.errors import SnvbertError
+
+    hmm = {"enabled": True, "ne": 150000, "err": 1e-4, "err_max": 0.05, "states": "panel"}
+    dm = make_dm(tiny_sim, cache_dir, hmm=hmm)
+    drawn = np.array([dm.batch_hmm(True, step)["err"] for step in range(400)])
+    assert drawn.min() >= 1e-4 and drawn.max() <= 0.05
+    # log-uniform: about a quarter of the draws in each quarter of the log range
+    quarter = np.floor(4 * np.log(drawn / 1e-4) / np.log(0.05 / 1e-4)).clip(0, 3)
+    assert np.all(np.bincount(quarter.astype(int), minlength=4) > 60)
+    assert dm.batch_hmm(True, 7) == dm.batch_hmm(True, 7)
+    assert dm.batch_hmm(False, 7)["err"] == 1e-4 and dm.batch_hmm(False, 8)["err"] == 1e-4
+    assert all("err_max" not in dm.batch_hmm(t, 3) for t in (True, False))
+
+    persons = tuple(int(x) for x in dm.splits["train"][:2])
+    low, high = np.argmin(drawn), np.argmax(drawn)
+    doses = [
+        retrieve(dm.dataset[(0, 0, 1, 1, persons)], dm.retriever, dm.batch_hmm(True, int(s)))[
+            "hmm_dose"
+        ]
+        for s in (low, high)
+    ]
+    assert not torch.allclose(doses[0], doses[1], atol=1e-4)
+
+    without = make_dm(tiny_sim, cache_dir, hmm={**hmm, "err_max": None})
+    assert without.batch_hmm(True, 3)["err"] == 1e-4
+    for bad, match in (({"err_max": 1e-5}, "err_max=1e-05 must lie in"), ({"err": 0.7}, "err=0.7")):
+        with pytest.raises(SnvbertError, match=match):
+            make_dm(tiny_sim, cache_dir, hmm={**hmm, **bad})

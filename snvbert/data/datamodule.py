@@ -333,6 +333,21 @@ def panel_inputs(
     }
 
 
+# The random stream of the training batches' HMM mismatch rates (data.hmm.err_max).
+ERR_STREAM = 3
+
+
+def _check_hmm_err(hmm: dict[str, Any]) -> None:
+    """data.hmm.err in (0, 0.5); data.hmm.err_max, when set, in [err, 0.5)."""
+    err, err_max = hmm.get("err", 0.002), hmm.get("err_max")
+    if not 0.0 < err < 0.5:
+        raise SnvbertError(f"data.hmm.err={err:g} must lie in (0, 0.5)")
+    if err_max is not None and not err <= err_max < 0.5:
+        raise SnvbertError(
+            f"data.hmm.err_max={err_max:g} must lie in [data.hmm.err={err:g}, 0.5), or be null"
+        )
+
+
 def retrieve(
     batch: dict[str, Tensor],
     retriever: Retriever,
@@ -357,7 +372,9 @@ def retrieve(
     exclude = batch["person"][:, None] == panel_person[None, :]
     # One set of feature columns serves both the agreement runs and the HMM.
     cols = feature_columns(query != 0, off, n, retriever.feature_sites)
-    hmm_kw = None if hmm is None else {k: v for k, v in hmm.items() if k != "select"}
+    hmm_kw = (
+        None if hmm is None else {k: v for k, v in hmm.items() if k not in ("select", "err_max")}
+    )
     panel_states = hmm is not None and hmm.get("states", "neighbours") == "panel"
     if panel_states and panel_post is None and cols.numel() > 0:
         # One panel-state HMM per batch serves the neighbours' posteriors, the panel dosage
@@ -468,9 +485,11 @@ class SNVDataModule(L.LightningDataModule):
             else {
                 k: v if k in ("states", "select") else float(v)
                 for k, v in hmm.items()
-                if k != "enabled"
+                if k != "enabled" and v is not None
             }
         )
+        if self.hmm is not None:
+            _check_hmm_err(self.hmm)
         if self.hmm is not None and self.hmm.get("states", "neighbours") not in (
             "neighbours",
             "panel",
@@ -602,8 +621,25 @@ class SNVDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict:
         """Retrieval runs here: after masks are drawn, on the batch's device, one search per batch."""
         if "query_ctx" in batch:
-            batch = retrieve(batch, self.retriever, self.hmm)
+            training = self.trainer is not None and self.trainer.training
+            step = self.trainer.global_step if training else 0
+            batch = retrieve(batch, self.retriever, self.batch_hmm(training, step))
         return batch
+
+    def batch_hmm(self, training: bool, step: int) -> dict[str, Any] | None:
+        """The HMM settings of one batch: with ``err_max``, a training batch's mismatch rate.
+
+        Drawn log-uniformly from [err, err_max], a pure function of (seed, step) so a resumed run
+        draws the same; validation and test always use ``err``.
+        """
+        if self.hmm is None or "err_max" not in self.hmm:
+            return self.hmm
+        hmm = {k: v for k, v in self.hmm.items() if k != "err_max"}
+        if training:
+            u = np.random.default_rng((self.seed, M.TRAIN_STREAM, ERR_STREAM, step)).random()
+            lo, hi = math.log(self.hmm["err"]), math.log(self.hmm["err_max"])
+            hmm["err"] = math.exp(lo + u * (hi - lo))
+        return hmm
 
     # -- state that must survive a resume -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
