@@ -22,39 +22,48 @@ import torch
 from tqdm import tqdm
 
 from snvbert.data.genetic_map import genetic_positions
-from snvbert.data.retrieval import estimate_err
+from snvbert.data.retrieval import estimate_err, ibs_states
 from snvbert.data.vcf import load_panel
 from snvbert.impute import hmm_query, prepare_target, write_imputed
 
 
-def posteriors(obs: np.ndarray, ref: np.ndarray, switch: np.ndarray, err: float) -> np.ndarray:
+def posteriors(
+    obs: np.ndarray,
+    ref: np.ndarray,
+    switch: np.ndarray,
+    err: float,
+    allowed: np.ndarray | None = None,
+) -> np.ndarray:
     """State posteriors at typed sites, float32 (m, B, N), by scaled forward-backward.
 
     obs (m, B) query alleles 0/1, -1 missing (emits 1 for every state); ref (m, N) panel
-    alleles; switch (m,) probability of a jump before each site (switch[0] unused).
+    alleles; switch (m,) probability of a jump before each site (switch[0] unused); allowed
+    (B, N) bool the states each query may copy (None: all), jumps land uniformly on them.
     """
     m, b = obs.shape
     n = ref.shape[1]
+    ok = np.ones((b, n), np.float32) if allowed is None else allowed.astype(np.float32)
+    pi = ok / ok.sum(1, keepdims=True)
 
     def emission(j: int) -> np.ndarray:
         match = ref[j][None, :] == obs[j][:, None]  # (B, N)
         e = np.where(match, 1.0 - err, err).astype(np.float32)
-        return np.where(obs[j][:, None] < 0, np.float32(1.0), e)
+        return np.where(obs[j][:, None] < 0, np.float32(1.0), e) * ok
 
     fwd = np.empty((m, b, n), dtype=np.float32)
-    a = emission(0) / n
+    a = emission(0) * pi
     fwd[0] = a / a.sum(1, keepdims=True)
     for j in range(1, m):
-        prior = (1 - switch[j]) * fwd[j - 1] + switch[j] / n  # rows of fwd sum to 1
+        prior = (1 - switch[j]) * fwd[j - 1] + switch[j] * pi  # rows of fwd sum to 1
         a = prior * emission(j)
         fwd[j] = a / a.sum(1, keepdims=True)
-    beta = np.full((b, n), 1.0 / n, dtype=np.float32)
+    beta = pi.copy()
     for j in range(m - 1, -1, -1):
         post = fwd[j] * beta
         fwd[j] = post / post.sum(1, keepdims=True)  # the posterior replaces the forward value
         if j:
             be = beta * emission(j)
-            beta = (1 - switch[j]) * be + switch[j] * be.sum(1, keepdims=True) / n
+            beta = (1 - switch[j]) * be + switch[j] * (be * pi).sum(1, keepdims=True)
             beta /= beta.sum(1, keepdims=True)
     return fwd
 
@@ -67,6 +76,7 @@ def impute_hmm(
     genetic_map: str | os.PathLike | None = None,
     ne: float = 150_000.0,  # measured best of 20k-600k on the 5 Mb scenario (seed 1)
     err: float | str = "auto",
+    ibs: dict | None = None,
     batch_haps: int = 32,
     cache_dir: str | os.PathLike = ".snvbert_cache",
     progress: bool = True,
@@ -74,6 +84,8 @@ def impute_hmm(
     """Impute ``target`` against ``panel`` with the HMM; write ``out`` like snvbert.impute does.
 
     ``err`` the mismatch rate, or ``auto``: fitted to the targets by EM, as snvbert.impute does.
+    ``ibs`` (keyword arguments of :func:`snvbert.data.retrieval.ibs_states`, e.g. its
+    ``IBS_DEFAULTS``): only the haplotypes Beagle's IBS selection keeps are states (None: all).
     """
     panel_path, target_path = Path(panel), Path(target)
     pan = load_panel(panel_path, cache_dir=cache_dir, progress=progress)
@@ -113,7 +125,16 @@ def impute_hmm(
         disable=None if progress else True,
     ):
         cols = slice(start, min(start + batch_haps, calls.shape[1]))
-        post = posteriors(calls[:, cols], ref_typed, switch, err)  # (m, B, N)
+        allowed = None
+        if ibs is not None:
+            allowed = ibs_states(
+                hmm_query(calls[:, cols]),
+                torch.from_numpy(2 * ref_typed.astype(np.int8) - 1),
+                torch.from_numpy(morgans[typed]),
+                torch.ones(cols.stop - cols.start, n_haps, dtype=torch.bool),
+                **ibs,
+            ).numpy()
+        post = posteriors(calls[:, cols], ref_typed, switch, err, allowed)  # (m, B, N)
         # Runs of sites sharing their flanking typed sites: each run's panel rows read once.
         for lo, hi in zip(runs[:-1], runs[1:], strict=True):
             alleles = np.asarray(pan.haplotypes[lo:hi], dtype=np.float32).T  # (N, S)
@@ -129,6 +150,6 @@ def impute_hmm(
         calls,
         probs,
         panel_path,
-        f"hmm panel={panel_path} target={target_path} ne={ne} err={err:.3g}",
+        f"hmm panel={panel_path} target={target_path} ne={ne} err={err:.3g} ibs={ibs}",
     )
     return {"written": n, "typed": int(len(typed)), "imputed": pan.n_sites - len(typed), "err": err}

@@ -48,9 +48,11 @@ from tqdm import tqdm
 from snvbert.data.datamodule import assemble_batch, panel_inputs, retrieve
 from snvbert.data.genetic_map import genetic_positions
 from snvbert.data.retrieval import (
+    IBS_DEFAULTS,
     Retriever,
     estimate_err,
     forward_backward,
+    ibs_states,
     switch_probabilities,
 )
 from snvbert.data.vcf import Panel, Target, load_panel, read_target
@@ -242,6 +244,7 @@ def predict(
     batch_size: int,
     morgans: np.ndarray | None = None,
     hmm_err: float | None = None,
+    hmm_ibs: dict[str, Any] | None | str = "train",
     device: torch.device,
     autocast: torch.dtype | None,
     progress: bool = True,
@@ -253,7 +256,9 @@ def predict(
     query_persons (n_targets,) the person id of each target in retrieval exclusion: a panel
     index when the target is also a panel person (so it never retrieves itself), else negative.
     morgans (n_sites,) the panel sites' genetic positions (None: a constant 1 cM/Mb).
-    hmm_err the HMM's mismatch rate (None: the one the model was trained with).
+    hmm_err the HMM's mismatch rate (None: the one the model was trained with). hmm_ibs the
+    panel-state HMM's IBS state selection (:func:`ibs_states` keyword arguments; None: every
+    reference haplotype is a state; "train": as the model was trained).
     """
     describe = model.describe
     length = int(describe["window"]["length"])
@@ -271,12 +276,16 @@ def predict(
     hmm = describe.get("hmm")
     if hmm is not None and hmm_err is not None:
         hmm = {**hmm, "err": float(hmm_err)}
+    if hmm is not None and hmm_ibs != "train":
+        hmm = {key: v for key, v in hmm.items() if key != "ibs"}
+        hmm |= {} if hmm_ibs is None else {"ibs": hmm_ibs}
     whole = _whole_chromosome_hmm(hmm, typed_sites, len(ref_haps), batch_size)
     if hmm is not None and hmm.get("states") == "panel" and not whole:
         log.info("the chromosome-wide HMM would not fit in memory: the HMM runs per window")
     if whole:
         morgans = genetic_positions(panel.pos, None) if morgans is None else morgans
         ref_typed, switch = _typed_states(panel, typed_sites, ref_haps, morgans, hmm, device)
+        typed_morgan = torch.from_numpy(morgans[typed_sites]).to(device)
 
     bar = tqdm(
         total=len(windows) * len(chunks),
@@ -293,9 +302,12 @@ def predict(
         calls_all = typed_alleles[:, rows]  # (m, B) 0/1, -1 missing
         post_all = None
         if whole:
-            q, allowed = hmm_query(calls_all), _allowed_states(persons, ref_persons)
+            q = hmm_query(calls_all).to(device)
+            allowed = _allowed_states(persons, ref_persons).to(device)
+            if hmm.get("ibs") is not None:
+                allowed = ibs_states(q, ref_typed, typed_morgan, allowed, **hmm["ibs"])
             post_all = forward_backward(
-                ref_typed, q.to(device), allowed.to(device), switch, float(hmm["err"])
+                ref_typed, q, allowed, switch, float(hmm["err"])
             )  # (B, N, m)
         for window in windows:
             c0, c1 = window.ctx_start, window.ctx_end
@@ -614,6 +626,7 @@ def impute(
     k: int | None = None,
     genetic_map: str | Path | None = None,
     hmm_err: str | float = "auto",
+    hmm_states: str = "ibs",
     cache_dir: str | Path = ".snvbert_cache",
     progress: bool = True,
     command: str | None = None,
@@ -625,7 +638,10 @@ def impute(
     query (None: as in training). ``genetic_map`` a PLINK map for the HMM feature's switch
     rates (None: the map the model was trained with, if any). ``hmm_err`` the HMM feature's
     mismatch rate: ``auto`` fits it to the targets (:func:`fit_hmm_err`), ``train`` keeps the
-    training value, a number sets it. Returns a summary: site counts by kind and every
+    training value, a number sets it. ``hmm_states`` the panel-state HMM's states: ``ibs`` the
+    haplotypes Beagle's IBS selection keeps (:func:`ibs_states`; the checkpoint's data.hmm.ibs,
+    else Beagle's defaults), ``panel`` every reference haplotype, ``train`` as in training.
+    Returns a summary: site counts by kind and every
     adjustment.
     """
     started = time.perf_counter()
@@ -635,10 +651,14 @@ def impute(
     if int(batch_size) < 1:
         raise SnvbertError(f"batch_size={batch_size} must be at least 1")
     err = _resolve_hmm_err(hmm_err)
+    if hmm_states not in ("ibs", "panel", "train"):
+        raise SnvbertError(f"hmm_states={hmm_states} must be ibs, panel or train")
     dev = _resolve_device(str(device))
     autocast = _autocast_dtype(str(precision), dev)
     model = load_trained(ckpt, dev)
     describe = model.describe
+    trained_ibs = (describe.get("hmm") or {}).get("ibs")
+    ibs = {"ibs": trained_ibs or dict(IBS_DEFAULTS), "panel": None, "train": "train"}[hmm_states]
 
     pan = load_panel(panel_path, cache_dir=cache_dir, progress=progress)
     if pan.fingerprint != describe["panel_fingerprint"]:
@@ -697,6 +717,7 @@ def impute(
         batch_size=int(batch_size),
         morgans=morgans,
         hmm_err=err,
+        hmm_ibs=ibs,
         device=dev,
         autocast=autocast,
         progress=progress,
@@ -719,6 +740,7 @@ def impute(
         "k": k_used,
         "genetic_map": None if gmap is None else str(gmap),
         "hmm_err": err if err is not None else (describe.get("hmm") or {}).get("err"),
+        "hmm_ibs": trained_ibs if ibs == "train" else ibs,
         "sites": {
             "written": n_written,
             "imputed": pan.n_sites - n_matched,
@@ -842,7 +864,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     lines.append(f"reference  {summary['reference_people']:,} panel people, k={summary['k']}")
     if summary.get("hmm_err") is not None:
-        lines.append(f"hmm        mismatch rate {summary['hmm_err']:.2g}")
+        ibs = summary.get("hmm_ibs")
+        states = (
+            "every reference haplotype"
+            if ibs is None
+            else (
+                f"IBS-selected ({ibs['haps']} a {ibs['step_cm']:g} cM step over {ibs['steps']} steps)"
+            )
+        )
+        lines.append(f"hmm        mismatch rate {summary['hmm_err']:.2g}, states: {states}")
     lines.append(f"time       {summary['seconds']:.1f} s")
     return "\n".join(lines)
 
@@ -868,6 +898,7 @@ def main(cfg: DictConfig) -> None:
         k=cfg.retrieval.k,
         genetic_map=cfg.genetic_map,
         hmm_err=cfg.hmm_err,
+        hmm_states=str(cfg.hmm_states),
         cache_dir=cfg.cache_dir,
         progress=cfg.progress,
         command="python -m snvbert.impute " + " ".join(sys.argv[1:]),

@@ -692,3 +692,93 @@ def test_training_batches_draw_the_hmm_mismatch_rate_and_validation_keeps_err(ti
     for bad, match in (({"err_max": 1e-5}, "err_max=1e-05 must lie in"), ({"err": 0.7}, "err=0.7")):
         with pytest.raises(SnvbertError, match=match):
             make_dm(tiny_sim, cache_dir, hmm={**hmm, **bad})
+
+
+def _founder_panel(rng, n_founders=6, n_haps=60, n_cols=200, mutation=0.02):
+    """Haplotypes copied from a few founders with rare mutations: many near-identical ones."""
+    founders = rng.choice(np.array([-1, 1], dtype=np.int8), size=(n_founders, n_cols))
+    panel = founders[np.arange(n_haps) % n_founders].copy()
+    flip = rng.random(panel.shape) < mutation
+    panel[flip] *= -1
+    return panel
+
+
+def test_ibs_states_keep_the_longest_identical_by_state_haplotypes():
+    """Beagle's IBS state selection: from each 0.1 cM step a query keeps the ``haps`` panel
+    haplotypes identical by state with it longest; the union over steps are its HMM states.
+
+    Among near-identical haplotypes (copies of a few founders), the query's true sources are
+    kept, every kept haplotype is identical by state with the query over a whole step, none of
+    another founder is, a disallowed haplotype never is, and a query's states do not depend on
+    the rest of its batch. The HMM over them puts no mass elsewhere.
+    """
+    from snvbert.data.retrieval import ibs_states, panel_posteriors
+
+    rng = np.random.default_rng(3)
+    panel = _founder_panel(rng)  # (60, 200): hap h copies founder h % 6
+    n_haps, n_cols = panel.shape
+    morgan = torch.arange(n_cols, dtype=torch.float64) * 1e-4  # 2 cM: 20 steps of 10 columns
+    query = np.concatenate([panel[7, :100], panel[20, 100:]])[None].repeat(
+        3, 0
+    )  # 7, 20: founders 1, 2
+    query[2] = panel[33]  # founder 3
+    query[1, ::7] = 0  # unobserved columns match anything
+    allowed = torch.ones(3, n_haps, dtype=torch.bool)
+    allowed[1, 7] = False  # the query's own haplotype, say
+    q, p = torch.from_numpy(query.T.copy()), torch.from_numpy(panel.T.copy())
+    keep = ibs_states(q, p, morgan, allowed, haps=3, step_cm=0.1, steps=5)
+    assert keep[0, 7] and keep[0, 20] and keep[2, 33]
+    assert not keep[1, 7] and keep[1, 20]
+    assert not (keep & ~allowed).any()
+    founder = np.arange(n_haps) % 6
+    assert set(founder[keep[0].numpy()]) <= {1, 2} and set(founder[keep[2].numpy()]) == {3}
+    assert 3 <= int(keep[0].sum()) <= 3 * 20 and int(keep[0].sum()) < n_haps // 3
+    # every kept haplotype agrees with the query over at least one whole step
+    steps = [slice(a, a + 10) for a in range(0, n_cols, 10)]
+    for row in range(3):
+        obs = query[row] != 0
+        for h in np.flatnonzero(keep[row].numpy()):
+            assert any(np.all((panel[h, s] == query[row, s]) | ~obs[s]) for s in steps)
+    alone = ibs_states(q[:, 2:], p, morgan, allowed[2:], haps=3, step_cm=0.1, steps=5)
+    assert torch.equal(alone[0], keep[2])
+    # the HMM over the kept states only: posteriors there, summing to one
+    cols = torch.arange(n_cols)
+    post = panel_posteriors(
+        torch.from_numpy(query),
+        torch.from_numpy(panel),
+        allowed,
+        morgan,
+        cols,
+        ne=20_000.0,
+        err=0.01,
+        ibs={"haps": 3, "step_cm": 0.1, "steps": 5},
+    )  # (3, N, U)
+    assert float(post.masked_select(~keep[:, :, None].expand_as(post)).abs().max()) == 0.0
+    assert torch.allclose(post.sum(1), torch.ones(3, n_cols), atol=1e-4)
+    assert post[0, 7, :90].mean() > 0.3 and post[0, 20, 110:].mean() > 0.3
+
+
+def test_hmm_ibs_config_fills_beagle_defaults_and_rejects_bad_values(tiny_sim, cache_dir):
+    """data.hmm.ibs: Beagle's defaults fill what is not given; unknown keys and impossible
+    values are one-line config errors; the setting reaches training batches (their HMM)."""
+    from snvbert.data.retrieval import IBS_DEFAULTS
+    from snvbert.errors import SnvbertError
+
+    hmm = {"enabled": True, "ne": 150000, "err": 1e-3, "states": "panel"}
+    dm = make_dm(tiny_sim, cache_dir, hmm={**hmm, "ibs": {"haps": 4}})
+    assert dm.hmm["ibs"] == {**IBS_DEFAULTS, "haps": 4}
+    without = make_dm(tiny_sim, cache_dir, hmm={**hmm, "ibs": None}).hmm
+    assert "ibs" not in without
+    persons = tuple(int(x) for x in dm.splits["train"][:2])
+    doses = [
+        retrieve(dm.dataset[(0, 0, 1, 1, persons)], dm.retriever, h)["hmm_dose"]
+        for h in (without, dm.hmm)
+    ]
+    assert not torch.allclose(doses[0], doses[1], atol=1e-4)
+    for bad, match in (
+        ({"hap": 4}, "unknown key.*hap; it takes haps, step_cm, steps"),
+        ({"haps": 0}, "needs haps >= 1"),
+        ({"step_cm": 0}, "step_cm > 0"),
+    ):
+        with pytest.raises(SnvbertError, match=match):
+            make_dm(tiny_sim, cache_dir, hmm={**hmm, "ibs": bad})

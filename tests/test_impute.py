@@ -339,15 +339,18 @@ def _predict_kwargs(pan, batch_size: int, **extra) -> dict:
     }
 
 
+@pytest.mark.parametrize("ibs", [False, True])
 def test_chromosome_wide_hmm_equals_the_per_window_hmm(
-    tiny_ckpt: Path, tiny_sim: Path, cache: Path, monkeypatch
+    ibs: bool, tiny_ckpt: Path, tiny_sim: Path, cache: Path, monkeypatch
 ) -> None:
     """Imputation runs the panel-state HMM once per chromosome: where a window's context is the
     whole chromosome, that is exactly the per-window HMM training uses (same predictions),
-    missing calls included; with too little memory it falls back to the per-window HMM."""
+    missing calls included, over every reference haplotype or over the IBS-selected ones; with
+    too little memory it falls back to the per-window HMM."""
     import torch
 
     from snvbert.data.genetic_map import genetic_positions
+    from snvbert.data.retrieval import IBS_DEFAULTS
     from snvbert.data.vcf import load_panel
 
     model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
@@ -359,7 +362,12 @@ def test_chromosome_wide_hmm_equals_the_per_window_hmm(
     calls[3, 1] = calls[7, 4] = -1  # missing calls: emitted as 1, predicted
     targets = np.arange(calls.shape[1] // 2)
     args = (model, pan, match.panel_index, calls, -1 - targets, np.arange(pan.n_samples))
-    kwargs = _predict_kwargs(pan, 3, morgans=genetic_positions(pan.pos, tiny_sim / "map.plink"))
+    kwargs = _predict_kwargs(
+        pan,
+        3,
+        morgans=genetic_positions(pan.pos, tiny_sim / "map.plink"),
+        hmm_ibs=dict(IBS_DEFAULTS) if ibs else None,
+    )
     calls_seen = []
     real = imp.forward_backward
     monkeypatch.setattr(
@@ -383,7 +391,7 @@ def test_hmm_mismatch_rate_is_fitted_to_the_targets(
     import torch
 
     from snvbert.data.genetic_map import genetic_positions
-    from snvbert.data.retrieval import li_stephens_err
+    from snvbert.data.retrieval import IBS_DEFAULTS, li_stephens_err
     from snvbert.data.vcf import load_panel
 
     _, summary = clean
@@ -405,6 +413,28 @@ def test_hmm_mismatch_rate_is_fitted_to_the_targets(
     trained = imp.predict(*args, calls, targets, np.arange(pan.n_samples), **kwargs)
     loose = imp.predict(*args, calls, targets, np.arange(pan.n_samples), hmm_err=0.2, **kwargs)
     assert np.abs(trained - loose).max() > 0.05
+    # hmm_states: the IBS-selected states by default (the checkpoint trained without them, so
+    # Beagle's defaults), reported; every reference haplotype gives another imputation
+    assert summary["hmm_ibs"] == IBS_DEFAULTS
+    assert "states: IBS-selected (26 a 0.1 cM step over 7 steps)" in imp.format_summary(summary)
+    panel_states = imp.predict(
+        *args, calls, targets, np.arange(pan.n_samples), **kwargs, hmm_ibs=None
+    )
+    ibs_states = imp.predict(
+        *args, calls, targets, np.arange(pan.n_samples), **kwargs, hmm_ibs=dict(IBS_DEFAULTS)
+    )
+    assert np.abs(panel_states - ibs_states).max() > 0.01
+    with pytest.raises(SnvbertError, match="hmm_states=every must be ibs, panel or train"):
+        impute(
+            tiny_ckpt,
+            tiny_sim / "panel.vcf.gz",
+            tiny_sim / "array.vcf.gz",
+            tiny_sim / "never.vcf.gz",
+            hmm_states="every",
+            cache_dir=cache,
+            progress=False,
+        )
+    assert not (tiny_sim / "never.vcf.gz").exists()
     assert imp._resolve_hmm_err("train") is None
     assert imp._resolve_hmm_err("1e-3") == 0.001
     for bad in ("often", "0.7", "0"):

@@ -31,6 +31,7 @@ from snvbert.data.batch import MASK, PAD
 from snvbert.data.curriculum import Curriculum
 from snvbert.data.genetic_map import CM_PER_MB, genetic_positions
 from snvbert.data.retrieval import (
+    IBS_DEFAULTS,
     Retriever,
     copying_posteriors,
     feature_columns,
@@ -337,6 +338,24 @@ def panel_inputs(
 ERR_STREAM = 3
 
 
+def _ibs(value: Any) -> dict[str, Any]:
+    """data.hmm.ibs as plain keyword arguments of ibs_states (Beagle's defaults filled in)."""
+    given = dict(value)
+    unknown = sorted(set(given) - set(IBS_DEFAULTS))
+    if unknown:
+        raise SnvbertError(
+            f"data.hmm.ibs has unknown key(s) {', '.join(unknown)}; "
+            f"it takes {', '.join(IBS_DEFAULTS)}"
+        )
+    ibs = {**IBS_DEFAULTS, **given}
+    ibs = {"haps": int(ibs["haps"]), "step_cm": float(ibs["step_cm"]), "steps": int(ibs["steps"])}
+    if ibs["haps"] < 1 or ibs["steps"] < 1 or not ibs["step_cm"] > 0:
+        raise SnvbertError(
+            f"data.hmm.ibs needs haps >= 1, steps >= 1 and step_cm > 0 (got {given})"
+        )
+    return ibs
+
+
 def _check_hmm_err(hmm: dict[str, Any]) -> None:
     """data.hmm.err in (0, 0.5); data.hmm.err_max, when set, in [err, 0.5)."""
     err, err_max = hmm.get("err", 0.002), hmm.get("err_max")
@@ -380,7 +399,14 @@ def retrieve(
         # One panel-state HMM per batch serves the neighbours' posteriors, the panel dosage
         # and (select=posterior) the choice of neighbours.
         post = panel_posteriors(
-            query, panel, ~exclude, ctx_morgan, cols, ne=hmm["ne"], err=hmm["err"]
+            query,
+            panel,
+            ~exclude,
+            ctx_morgan,
+            cols,
+            ne=hmm["ne"],
+            err=hmm["err"],
+            ibs=hmm.get("ibs"),
         )
         panel_post = (post, cols)
     if hmm is not None and hmm.get("select", "score") == "posterior" and panel_post is not None:
@@ -483,7 +509,7 @@ class SNVDataModule(L.LightningDataModule):
             None
             if hmm is None or not hmm.get("enabled", True)
             else {
-                k: v if k in ("states", "select") else float(v)
+                k: v if k in ("states", "select") else _ibs(v) if k == "ibs" else float(v)
                 for k, v in hmm.items()
                 if k != "enabled" and v is not None
             }
