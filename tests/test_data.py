@@ -782,3 +782,5 @@ def test_hmm_ibs_config_fills_beagle_defaults_and_rejects_bad_values(tiny_sim, c
     ):
         with pytest.raises(SnvbertError, match=match):
             make_dm(tiny_sim, cache_dir, hmm={**hmm, "ibs": bad})
+    with pytest.raises(SnvbertError, match="data.hmm.ibs needs data.hmm.states=panel"):
+        make_dm(tiny_sim, cache_dir, hmm={**hmm, "states": "neighbours", "ibs": {}})

@@ -530,6 +530,8 @@ class SNVDataModule(L.LightningDataModule):
         if self.hmm is not None and self.hmm.get("select") == "posterior":
             if self.hmm.get("states") != "panel":
                 raise SnvbertError("data.hmm.select=posterior needs data.hmm.states=panel")
+        if self.hmm is not None and "ibs" in self.hmm and self.hmm.get("states") != "panel":
+            raise SnvbertError("data.hmm.ibs needs data.hmm.states=panel (or ibs=null)")
         self.panel = None
         self._samplers: dict[str, WindowBatchSampler] = {}
 

@@ -380,19 +380,18 @@ def ibs_states(
         ]
     ).tolist() + [n_cols]
     q, p = query_cols.float(), state_cols.float()
-    # ok[s]: the panel haplotypes identical by state with each query over step s, (S, B, N)
-    ok = (
-        torch.stack(
-            [
-                (q[a:b].T @ p[a:b]) >= q[a:b].abs().sum(0)[:, None] - 0.5
-                for a, b in zip(starts[:-1], starts[1:], strict=True)
-            ]
-        )
-        & allowed[None]
-    )
-    n_steps, n_haps = ok.shape[0], ok.shape[2]
+    n_steps, n_haps = len(starts) - 1, state_cols.shape[1]
+    agree: dict[int, Tensor] = {}  # the last ``steps`` steps' (B, N) masks: memory (steps, B, N)
+
+    def ok(s: int) -> Tensor:
+        """The allowed panel haplotypes identical by state with each query over step s."""
+        if s not in agree:
+            a, b = starts[s], starts[s + 1]
+            same = (q[a:b].T @ p[a:b]) >= q[a:b].abs().sum(0)[:, None] - 0.5
+            agree[s] = same & allowed
+        return agree[s]
+
     gen = torch.Generator().manual_seed(seed)
-    priority = torch.rand(n_steps, n_haps, generator=gen).to(ok.device)
 
     def first(mask: Tensor, prio: Tensor, m: Tensor) -> Tensor:
         """Per row, the m[row] members of ``mask`` of highest priority."""
@@ -404,23 +403,26 @@ def ibs_states(
 
     keep = torch.zeros_like(allowed)
     for i in range(n_steps):
-        cell = ok[i]
+        for done_step in [k for k in agree if k < i]:
+            del agree[done_step]
+        priority = torch.rand(n_haps, generator=gen).to(allowed.device)  # this step's
+        cell = ok(i)
         count = cell.sum(1)
         done = count <= haps
         keep |= cell & done[:, None]
         for d in range(1, min(steps, n_steps - i)):
-            prev, cell = cell, cell & ok[i + d]
+            prev, cell = cell, cell & ok(i + d)
             count = cell.sum(1)
             now = ~done & (count <= haps)
             if now.any():
-                top_up = first(prev[now] & ~cell[now], priority[i], haps - count[now])
+                top_up = first(prev[now] & ~cell[now], priority, haps - count[now])
                 keep[now] |= cell[now] | top_up
                 done |= now
             if done.all():
                 break
         rest = ~done
         if rest.any():
-            keep[rest] |= first(cell[rest], priority[i], torch.full_like(count[rest], haps))
+            keep[rest] |= first(cell[rest], priority, torch.full_like(count[rest], haps))
     return keep
 
 
