@@ -9,6 +9,8 @@ at an untyped site the posterior is interpolated linearly in genetic distance be
 flanking typed sites (as Minimac and Beagle do), and P(ALT) is the posterior mass on panel
 haplotypes carrying ALT. Vectorised over panel haplotypes and a batch of targets: no per-state
 Python loop. It reads and writes like :mod:`snvbert.impute`, with the same site matching.
+With ``ibs`` the states are only the haplotypes Beagle's IBS selection keeps for each target
+haplotype (:func:`snvbert.data.retrieval.ibs_states`), the states of snvbert's own HMM feature.
 """
 
 from __future__ import annotations
