@@ -613,6 +613,27 @@ def _resolve_hmm_err(value: str | float | None) -> str | float | None:
     return rate
 
 
+# Beagle's imp-states: with more reference haplotypes than this, its IBS selection chooses the
+# states. Measured: the IBS states beat every haplotype as states with 2,000 of them (both 5 Mb
+# scenarios, every MAF bin) and lose with 600 (the demo panel: 0.904 against 0.909 overall;
+# Beagle too is better there with every haplotype a state, 0.914 against 0.913).
+IBS_MIN_HAPS = 1600
+
+
+def _resolve_hmm_states(
+    value: str, trained: dict[str, Any] | None, n_ref_haps: int
+) -> dict[str, Any] | None | str:
+    """impute's hmm_states as predict's hmm_ibs: ibs_states keyword arguments, None or "train".
+
+    ``ibs``: the haplotypes Beagle's IBS selection keeps (the checkpoint's data.hmm.ibs, else
+    Beagle's defaults); ``panel``: every reference haplotype; ``train``: as in training;
+    ``auto``: ``ibs`` with more than IBS_MIN_HAPS reference haplotypes, else ``panel``.
+    """
+    if value == "auto":
+        value = "ibs" if n_ref_haps > IBS_MIN_HAPS else "panel"
+    return {"ibs": trained or dict(IBS_DEFAULTS), "panel": None, "train": "train"}[value]
+
+
 def impute(
     ckpt: str | Path,
     panel: str | Path,
@@ -626,7 +647,7 @@ def impute(
     k: int | None = None,
     genetic_map: str | Path | None = None,
     hmm_err: str | float = "auto",
-    hmm_states: str = "ibs",
+    hmm_states: str = "auto",
     cache_dir: str | Path = ".snvbert_cache",
     progress: bool = True,
     command: str | None = None,
@@ -638,9 +659,8 @@ def impute(
     query (None: as in training). ``genetic_map`` a PLINK map for the HMM feature's switch
     rates (None: the map the model was trained with, if any). ``hmm_err`` the HMM feature's
     mismatch rate: ``auto`` fits it to the targets (:func:`fit_hmm_err`), ``train`` keeps the
-    training value, a number sets it. ``hmm_states`` the panel-state HMM's states: ``ibs`` the
-    haplotypes Beagle's IBS selection keeps (:func:`ibs_states`; the checkpoint's data.hmm.ibs,
-    else Beagle's defaults), ``panel`` every reference haplotype, ``train`` as in training.
+    training value, a number sets it. ``hmm_states`` the panel-state HMM's states
+    (:func:`_resolve_hmm_states`).
     Returns a summary: site counts by kind and every
     adjustment.
     """
@@ -651,14 +671,13 @@ def impute(
     if int(batch_size) < 1:
         raise SnvbertError(f"batch_size={batch_size} must be at least 1")
     err = _resolve_hmm_err(hmm_err)
-    if hmm_states not in ("ibs", "panel", "train"):
-        raise SnvbertError(f"hmm_states={hmm_states} must be ibs, panel or train")
+    if hmm_states not in ("auto", "ibs", "panel", "train"):
+        raise SnvbertError(f"hmm_states={hmm_states} must be auto, ibs, panel or train")
     dev = _resolve_device(str(device))
     autocast = _autocast_dtype(str(precision), dev)
     model = load_trained(ckpt, dev)
     describe = model.describe
     trained_ibs = (describe.get("hmm") or {}).get("ibs")
-    ibs = {"ibs": trained_ibs or dict(IBS_DEFAULTS), "panel": None, "train": "train"}[hmm_states]
 
     pan = load_panel(panel_path, cache_dir=cache_dir, progress=progress)
     if pan.fingerprint != describe["panel_fingerprint"]:
@@ -689,6 +708,7 @@ def impute(
     counts["targets_in_panel"] = int((query_persons >= 0).sum())
     # The targets' own alleles never inform their inputs (as in training, leave them out).
     af_people = np.setdiff1d(ref_persons, query_persons[query_persons >= 0])
+    ibs = _resolve_hmm_states(hmm_states, trained_ibs, 2 * len(ref_persons))
     af = pan.alt_freq(af_people)
     k_used = int(k if k is not None else model.retrieval.get("k", 128))
     gmap = genetic_map if genetic_map is not None else describe.get("genetic_map")

@@ -741,6 +741,11 @@ def test_ibs_states_keep_the_longest_identical_by_state_haplotypes():
             assert any(np.all((panel[h, s] == query[row, s]) | ~obs[s]) for s in steps)
     alone = ibs_states(q[:, 2:], p, morgan, allowed[2:], haps=3, step_cm=0.1, steps=5)
     assert torch.equal(alone[0], keep[2])
+    # a query that matches no haplotype over any whole step keeps every allowed one
+    stranger = -panel[7]
+    assert not any(np.all(panel[:, s] == stranger[s], axis=1).any() for s in steps)
+    kept = ibs_states(torch.from_numpy(stranger[:, None].copy()), p, morgan, allowed[1:2], haps=3)
+    assert torch.equal(kept, allowed[1:2])
     # the HMM over the kept states only: posteriors there, summing to one
     cols = torch.arange(n_cols)
     post = panel_posteriors(

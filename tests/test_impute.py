@@ -413,10 +413,16 @@ def test_hmm_mismatch_rate_is_fitted_to_the_targets(
     trained = imp.predict(*args, calls, targets, np.arange(pan.n_samples), **kwargs)
     loose = imp.predict(*args, calls, targets, np.arange(pan.n_samples), hmm_err=0.2, **kwargs)
     assert np.abs(trained - loose).max() > 0.05
-    # hmm_states: the IBS-selected states by default (the checkpoint trained without them, so
-    # Beagle's defaults), reported; every reference haplotype gives another imputation
-    assert summary["hmm_ibs"] == IBS_DEFAULTS
-    assert "states: IBS-selected (26 a 0.1 cM step over 7 steps)" in imp.format_summary(summary)
+    # hmm_states: auto makes every reference haplotype a state for a panel this small (the
+    # summary says so), the IBS-selected ones above Beagle's 1,600; the two impute differently
+    assert summary["hmm_ibs"] is None
+    assert "states: every reference haplotype" in imp.format_summary(summary)
+    assert imp._resolve_hmm_states("auto", None, 1600) is None
+    assert imp._resolve_hmm_states("auto", None, 1602) == IBS_DEFAULTS
+    assert imp._resolve_hmm_states("ibs", {"haps": 8, "step_cm": 0.2, "steps": 3}, 10)["haps"] == 8
+    assert imp._resolve_hmm_states("train", None, 5000) == "train"
+    ibs_summary = {**summary, "hmm_ibs": IBS_DEFAULTS}
+    assert "states: IBS-selected (26 a 0.1 cM step over 7 steps)" in imp.format_summary(ibs_summary)
     panel_states = imp.predict(
         *args, calls, targets, np.arange(pan.n_samples), **kwargs, hmm_ibs=None
     )
@@ -424,7 +430,7 @@ def test_hmm_mismatch_rate_is_fitted_to_the_targets(
         *args, calls, targets, np.arange(pan.n_samples), **kwargs, hmm_ibs=dict(IBS_DEFAULTS)
     )
     assert np.abs(panel_states - ibs_states).max() > 0.01
-    with pytest.raises(SnvbertError, match="hmm_states=every must be ibs, panel or train"):
+    with pytest.raises(SnvbertError, match="hmm_states=every must be auto, ibs, panel or train"):
         impute(
             tiny_ckpt,
             tiny_sim / "panel.vcf.gz",

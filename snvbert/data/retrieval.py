@@ -360,7 +360,8 @@ def ibs_states(
     anything); state_cols (U, N) the panel's (+-1); morgan (U,) their genetic positions. The
     columns fall into steps of ``step_cm``. From each step, a query takes the ``haps`` panel
     haplotypes that stay identical by state with it longest over the next ``steps`` steps
-    (Beagle's ImpIbs): the haplotypes still matching at the first depth where at most ``haps``
+    (Beagle's ImpIbs; a query that matches no haplotype over any whole step keeps them all):
+    the haplotypes still matching at the first depth where at most ``haps``
     do, topped up from those that matched one step less; where more than ``haps`` match all the
     way, ``haps`` of them. Ties are broken by a fixed pseudo-random priority of the panel
     haplotypes per step (``seed``), so a query's states do not depend on its batch. The states
@@ -423,6 +424,9 @@ def ibs_states(
         rest = ~done
         if rest.any():
             keep[rest] |= first(cell[rest], priority, torch.full_like(count[rest], haps))
+    # A query identical by state with no haplotype over any whole step keeps every state.
+    empty = ~keep.any(1)
+    keep[empty] = allowed[empty]
     return keep
 
 
