@@ -660,9 +660,7 @@ def impute(
     rates (None: the map the model was trained with, if any). ``hmm_err`` the HMM feature's
     mismatch rate: ``auto`` fits it to the targets (:func:`fit_hmm_err`), ``train`` keeps the
     training value, a number sets it. ``hmm_states`` the panel-state HMM's states
-    (:func:`_resolve_hmm_states`).
-    Returns a summary: site counts by kind and every
-    adjustment.
+    (:func:`_resolve_hmm_states`). Returns a summary: site counts by kind and every adjustment.
     """
     started = time.perf_counter()
     panel_path, target_path, out = Path(panel), Path(target), Path(out)

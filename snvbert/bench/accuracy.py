@@ -15,7 +15,8 @@ Two cases, one seed (so one panel and one truth):
 
 Two Li–Stephens HMM references (:mod:`snvbert.hmm`): ``hmm`` over every panel haplotype, and
 ``hmm_ibs`` over the ones Beagle's IBS selection keeps, the states of snvbert's HMM feature at
-imputation; the table shows what the network adds beyond them.
+imputation from panels of more than 1,600 haplotypes (the 5 Mb ones); the table shows what the
+network adds beyond them.
 
 snvbert is trained on the clean simulation's panel within a time budget. Everything is scored
 in one :func:`snvbert.evaluate.evaluate` call per case (bootstrap intervals over target people),
@@ -284,7 +285,8 @@ def run(
             case_times[case]["hmm"] = time.perf_counter() - started
             files["hmm"] = work / "hmm.vcf.gz"
             # The same HMM over the haplotypes Beagle's IBS selection keeps: the states
-            # snvbert's HMM feature uses at imputation (impute's hmm_states=ibs).
+            # snvbert's HMM feature uses at imputation from these 2,000-haplotype panels
+            # (impute's hmm_states=auto).
             started = time.perf_counter()
             impute_hmm(
                 panel,

@@ -367,7 +367,8 @@ def ibs_states(
     haplotypes per step (``seed``), so a query's states do not depend on its batch. The states
     are the union over steps. On the 5 Mb scenarios this keeps ~600 of 2,000 haplotypes, and the
     HMM over them (the jump rate still that of the whole panel) beats both the HMM over every
-    haplotype and Beagle's composite states in every MAF bin.
+    haplotype and Beagle's composite states in every MAF bin; on a panel of 600 haplotypes it
+    loses (see :data:`snvbert.impute.IBS_MIN_HAPS`).
     """
     n_cols = query_cols.shape[0]
     if n_cols == 0:
