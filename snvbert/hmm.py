@@ -98,13 +98,9 @@ def impute_hmm(
     d = np.diff(morgans[typed], prepend=morgans[typed[0]])
     switch = (1.0 - np.exp(-4.0 * ne * np.maximum(d, 1e-10) / n_haps)).astype(np.float32)
     ref_typed = np.asarray(pan.haplotypes[typed])  # (m, N)
+    states = torch.from_numpy(2 * ref_typed.astype(np.int8) - 1)  # +-1, as the torch HMM reads
     if err == "auto":
-        err = estimate_err(
-            torch.from_numpy(2 * ref_typed.astype(np.int8) - 1),
-            hmm_query(calls),
-            None,
-            torch.from_numpy(switch),
-        )
+        err = estimate_err(states, hmm_query(calls), None, torch.from_numpy(switch))
     err = float(err)
 
     # Each site's flanking typed sites and interpolation weight (nearest one outside the ends).
@@ -120,6 +116,7 @@ def impute_hmm(
     runs = np.concatenate([[0], change, [pan.n_sites]])
 
     probs = np.empty((pan.n_sites, calls.shape[1]), dtype=np.float32)
+    typed_morgan = torch.from_numpy(morgans[typed])
     for start in tqdm(
         range(0, calls.shape[1], batch_haps),
         desc="HMM",
@@ -131,8 +128,8 @@ def impute_hmm(
         if ibs is not None:
             allowed = ibs_states(
                 hmm_query(calls[:, cols]),
-                torch.from_numpy(2 * ref_typed.astype(np.int8) - 1),
-                torch.from_numpy(morgans[typed]),
+                states,
+                typed_morgan,
                 torch.ones(cols.stop - cols.start, n_haps, dtype=torch.bool),
                 **ibs,
             ).numpy()

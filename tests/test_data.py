@@ -718,9 +718,8 @@ def test_ibs_states_keep_the_longest_identical_by_state_haplotypes():
     panel = _founder_panel(rng)  # (60, 200): hap h copies founder h % 6
     n_haps, n_cols = panel.shape
     morgan = torch.arange(n_cols, dtype=torch.float64) * 1e-4  # 2 cM: 20 steps of 10 columns
-    query = np.concatenate([panel[7, :100], panel[20, 100:]])[None].repeat(
-        3, 0
-    )  # 7, 20: founders 1, 2
+    # rows 0 and 1 copy haplotype 7 (founder 1), then haplotype 20 (founder 2)
+    query = np.concatenate([panel[7, :100], panel[20, 100:]])[None].repeat(3, 0)
     query[2] = panel[33]  # founder 3
     query[1, ::7] = 0  # unobserved columns match anything
     allowed = torch.ones(3, n_haps, dtype=torch.bool)

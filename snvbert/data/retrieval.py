@@ -361,9 +361,9 @@ def ibs_states(
     columns fall into steps of ``step_cm``. From each step, a query takes the ``haps`` panel
     haplotypes that stay identical by state with it longest over the next ``steps`` steps
     (Beagle's ImpIbs; a query that matches no haplotype over any whole step keeps them all):
-    the haplotypes still matching at the first depth where at most ``haps``
-    do, topped up from those that matched one step less; where more than ``haps`` match all the
-    way, ``haps`` of them. Ties are broken by a fixed pseudo-random priority of the panel
+    the haplotypes still matching at the first depth where at most ``haps`` do, topped up from
+    those that matched one step less; where more than ``haps`` match all the way, ``haps`` of
+    them. Ties are broken by a fixed pseudo-random priority of the panel
     haplotypes per step (``seed``), so a query's states do not depend on its batch. The states
     are the union over steps. On the 5 Mb scenarios this keeps ~600 of 2,000 haplotypes, and the
     HMM over them (the jump rate still that of the whole panel) beats both the HMM over every
