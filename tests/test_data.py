@@ -788,3 +788,77 @@ def test_hmm_ibs_config_fills_beagle_defaults_and_rejects_bad_values(tiny_sim, c
             make_dm(tiny_sim, cache_dir, hmm={**hmm, "ibs": bad})
     with pytest.raises(SnvbertError, match="data.hmm.ibs needs data.hmm.states=panel"):
         make_dm(tiny_sim, cache_dir, hmm={**hmm, "states": "neighbours", "ibs": {}})
+
+
+def test_hmm_scope_chromosome_gives_training_the_chromosome_wide_hmm(tiny_sim, cache_dir):
+    """data.hmm.scope=chromosome: an array batch's panel-state HMM runs over the chip's typed
+    sites of the whole chromosome, as imputation's does. Its calls away from the window's context
+    are the truth at the chip with the level's missing calls and errors (drawn once per epoch,
+    the same for every window), inside it the window's own; where the context is the whole
+    chromosome it is the per-window HMM exactly; a dense (random) level keeps the per-window
+    HMM; a bad scope is a one-line error."""
+    from snvbert.errors import SnvbertError
+
+    noisy = [LEVELS[0], {**LEVELS[1], "missing_rate": 0.1, "error_rate": 0.05}]
+    hmm = {"enabled": True, "ne": 150000, "err": 1e-3, "states": "panel", "ibs": {"haps": 4}}
+    dm = make_dm(
+        tiny_sim, cache_dir, curriculum={"levels": noisy}, hmm={**hmm, "scope": "chromosome"}
+    )
+    ds = dm.dataset
+    persons = tuple(int(x) for x in dm.splits["train"][:2])
+    haps = np.array([2 * persons[0], 2 * persons[0] + 1, 2 * persons[1], 2 * persons[1] + 1])
+    chip = np.flatnonzero(ds.chip(0, 3, ds.levels[1]))
+    truth = np.asarray(ds.haplotypes[chip])[:, haps].T.astype(int)  # (B, U)
+    batches = [ds[(0, 3, 1, w, persons)] for w in (0, len(ds.windows) - 1)]
+    for w, batch in zip((0, len(ds.windows) - 1), batches, strict=True):
+        window = ds.windows[w]
+        assert torch.equal(
+            batch["hmm_states"].T,
+            2
+            * torch.from_numpy(np.asarray(ds.haplotypes[chip])[:, ds.panel_haps].T.astype(np.int8))
+            - 1,
+        )
+        q = batch["hmm_query"].numpy().T.astype(int)  # (B, U)
+        lo, hi = batch["hmm_span"].tolist()
+        assert (chip[lo:hi] >= window.ctx_start).all() and (chip[lo:hi] < window.ctx_end).all()
+        assert lo > 0 or hi < len(chip)  # the chip reaches beyond this context
+        seen = q != 0
+        assert 0.8 < seen.mean() < 1.0  # missing calls are 0
+        wrong = seen & (q != 2 * truth - 1)
+        assert 0 < wrong.sum() < 0.15 * seen.sum()  # a few errors, otherwise the truth
+        # inside the context: exactly the window's query
+        assert np.array_equal(q[:, lo:hi], batch["query_ctx"].numpy()[:, batch["hmm_cols"].numpy()])
+    outside = np.ones(len(chip), dtype=bool)
+    for batch in batches:
+        lo, hi = batch["hmm_span"].tolist()
+        outside[lo:hi] = False
+    assert outside.any()
+    a, b = (batch["hmm_query"].numpy()[outside] for batch in batches)
+    assert np.array_equal(a, b)  # away from both windows: the same calls
+    # the chromosome-wide HMM feeds the features; the random level keeps the per-window one
+    out = retrieve(dict(batches[0]), dm.retriever, dm.hmm)
+    assert not any(key in out for key in ("hmm_query", "hmm_states", "hmm_span"))
+    ctx_only = make_dm(tiny_sim, cache_dir, curriculum={"levels": noisy}, hmm=hmm)
+    ref = retrieve(ctx_only.dataset[(0, 3, 1, 0, persons)], ctx_only.retriever, ctx_only.hmm)
+    assert not torch.allclose(out["hmm_dose"], ref["hmm_dose"], atol=1e-3)
+    assert "hmm_query" not in ds[(0, 3, 0, 0, persons)]
+    # a context as wide as the chromosome: the same HMM either way
+    wide = {"curriculum": {"levels": noisy}, "context_bp": 10**8}
+    full = make_dm(tiny_sim, cache_dir, hmm={**hmm, "scope": "chromosome"}, **wide)
+    per_window = make_dm(tiny_sim, cache_dir, hmm=hmm, **wide)
+    for w in (0, 2):
+        got = retrieve(full.dataset[(0, 3, 1, w, persons)], full.retriever, full.hmm)
+        want = retrieve(
+            per_window.dataset[(0, 3, 1, w, persons)], per_window.retriever, per_window.hmm
+        )
+        assert torch.allclose(got["hmm_dose"], want["hmm_dose"], atol=1e-5)
+        assert torch.allclose(got["nbr_hmm"], want["nbr_hmm"], atol=1e-5)
+    for bad, match in (
+        ({"scope": "genome"}, "data.hmm.scope='genome' must be 'context' or 'chromosome'"),
+        (
+            {"scope": "chromosome", "states": "neighbours", "ibs": None},
+            "needs data.hmm.states=panel",
+        ),
+    ):
+        with pytest.raises(SnvbertError, match=match):
+            make_dm(tiny_sim, cache_dir, hmm={**hmm, **bad})

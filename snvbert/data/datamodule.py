@@ -35,10 +35,13 @@ from snvbert.data.retrieval import (
     Retriever,
     copying_posteriors,
     feature_columns,
+    forward_backward,
+    ibs_states,
     neighbour_features,
     panel_dosage,
     panel_posteriors,
     select_by_posterior,
+    switch_probabilities,
     tie_jitter,
 )
 from snvbert.data.windows import Window, make_windows, split_people
@@ -140,17 +143,32 @@ class PanelWindows(Dataset):
         seed: int,
         length: int,
         morgans: np.ndarray | None = None,
+        hmm_chromosome: bool = False,
     ) -> None:
         self.haplotypes, self.pos, self.af = haplotypes, pos, af
+        self.hmm_chromosome = hmm_chromosome
         self.morgans = genetic_positions(pos, None) if morgans is None else morgans
         self.maf = np.minimum(af, 1.0 - af)
         self.windows, self.levels = list(windows), list(levels)
         self.panel_persons = np.asarray(panel_persons, dtype=np.int64)
         self.panel_haps = np.stack([2 * self.panel_persons, 2 * self.panel_persons + 1], 1).ravel()
         self.seed, self.length = seed, length
+        self._chips: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:  # batches are addressed by descriptor, not by position
         return len(self.windows)
+
+    def chip(self, stream: int, epoch: int, level: M.MaskLevel) -> np.ndarray:
+        """The typed sites (bool per panel site) of an array level's chip."""
+        return M.chip_sites(
+            self.pos,
+            self.maf,
+            seed=self.seed,
+            stream=stream,
+            epoch=epoch,
+            spacing_bp=level.spacing_bp,
+            min_maf=level.min_maf,
+        )
 
     def hidden_and_errors(
         self, stream: int, epoch: int, level_index: int, window: Window, haps: np.ndarray
@@ -160,15 +178,7 @@ class PanelWindows(Dataset):
         ctx = slice(window.ctx_start, window.ctx_end)
         typed = None
         if level.strategy == "array":
-            typed = M.chip_sites(
-                self.pos,
-                self.maf,
-                seed=self.seed,
-                stream=stream,
-                epoch=epoch,
-                spacing_bp=level.spacing_bp,
-                min_maf=level.min_maf,
-            )[ctx]
+            typed = self.chip(stream, epoch, level)[ctx]
         key = {"seed": self.seed, "stream": stream, "epoch": epoch, "window": window.index}
         n_ctx = window.ctx_end - window.ctx_start
         hidden = np.stack(
@@ -186,6 +196,63 @@ class PanelWindows(Dataset):
         )
         errors = np.stack([M.genotype_errors(level, **key, hap=int(h), n=n_ctx) for h in haps])
         return hidden, errors & ~hidden
+
+    def chromosome_hmm_inputs(
+        self,
+        stream: int,
+        epoch: int,
+        level_index: int,
+        window: Window,
+        haps: np.ndarray,
+        hidden: np.ndarray,
+        errors: np.ndarray,
+    ) -> dict[str, Tensor]:
+        """An array level's query over the whole chip, for the chromosome-wide HMM (as imputed).
+
+        The chip's typed sites over the whole chromosome: the queries' calls there (+-1, 0
+        missing), the panel's alleles and the sites' genetic positions. Inside the window's
+        context the calls carry the window's own missing calls and errors; outside it, draws of
+        the same rates keyed to no window (-1), so every window of an epoch sees the same calls
+        away from itself.
+        """
+        level = self.levels[level_index]
+        key = (stream, epoch, level_index)
+        if key not in self._chips:
+            if len(self._chips) >= 2:  # training's chip and validation's
+                self._chips.pop(next(iter(self._chips)))
+            typed = np.flatnonzero(self.chip(stream, epoch, level))
+            rows = np.asarray(self.haplotypes[typed])  # (U, n_haps)
+            states = (2 * rows[:, self.panel_haps].astype(np.int8) - 1).astype(np.int8)
+            self._chips[key] = (typed, rows, np.ascontiguousarray(states))
+        typed, rows, states = self._chips[key]
+        u = len(typed)
+        draws = {"seed": self.seed, "stream": stream, "epoch": epoch, "window": -1}
+        miss = np.stack(
+            [
+                M.draw_mask(
+                    level,
+                    **draws,
+                    hap=int(h),
+                    level_index=level_index,
+                    maf=self.maf[typed],
+                    typed=np.ones(u, dtype=bool),
+                )
+                for h in haps
+            ]
+        )  # (B, U)
+        flips = np.stack([M.genotype_errors(level, **draws, hap=int(h), n=u) for h in haps])
+        lo, hi = np.searchsorted(typed, [window.ctx_start, window.ctx_end])
+        cols = typed[lo:hi] - window.ctx_start
+        miss[:, lo:hi], flips[:, lo:hi] = hidden[:, cols], errors[:, cols]
+        calls = rows[:, haps].T.astype(np.int8) ^ flips.astype(np.int8)  # (B, U)
+        query = np.where(miss, 0, 2 * calls - 1).astype(np.int8)
+        return {
+            "hmm_query": torch.from_numpy(np.ascontiguousarray(query.T)),
+            "hmm_states": torch.from_numpy(states),
+            "hmm_morgan": torch.from_numpy(np.asarray(self.morgans[typed], dtype=np.float64)),
+            "hmm_cols": torch.from_numpy(cols.astype(np.int64)),
+            "hmm_span": torch.tensor([lo, hi], dtype=torch.long),
+        }
 
     def leave_one_out_af(
         self, window: Window, people: np.ndarray, truth_ctx: np.ndarray
@@ -241,6 +308,10 @@ class PanelWindows(Dataset):
                 epoch=epoch,
             )
         )
+        if self.hmm_chromosome and self.levels[level_index].strategy == "array":
+            batch.update(
+                self.chromosome_hmm_inputs(stream, epoch, level_index, window, haps, hidden, errors)
+            )
         # The mask key travels with the batch, so checks can recompute the mask it was drawn from.
         batch["mask_epoch"] = torch.full((len(haps),), epoch, dtype=torch.long)
         batch["mask_level"] = torch.full((len(haps),), level_index, dtype=torch.long)
@@ -367,6 +438,29 @@ def _check_hmm_err(hmm: dict[str, Any]) -> None:
         )
 
 
+# A batch's chromosome-wide HMM inputs (data.hmm.scope=chromosome, array levels).
+CHROMOSOME_HMM_KEYS = ("hmm_query", "hmm_states", "hmm_morgan", "hmm_cols", "hmm_span")
+
+
+def chromosome_posteriors(
+    inputs: dict[str, Tensor], allowed: Tensor, hmm: dict[str, Any]
+) -> tuple[Tensor, Tensor] | None:
+    """The panel-state posteriors at a window's context columns, from the chromosome-wide HMM.
+
+    The same HMM imputation runs once per chromosome (states IBS-selected with ``hmm["ibs"]``),
+    here run per training batch over the chip's typed sites; None when the context holds none.
+    """
+    lo, hi = (int(v) for v in inputs["hmm_span"])
+    if hi <= lo:
+        return None
+    query, states, morgan = inputs["hmm_query"], inputs["hmm_states"], inputs["hmm_morgan"]
+    if hmm.get("ibs") is not None:
+        allowed = ibs_states(query, states, morgan, allowed, **hmm["ibs"])
+    switch = switch_probabilities(morgan, float(hmm["ne"]), states.shape[1])
+    post = forward_backward(states, query, allowed, switch, float(hmm["err"]))  # (B, N, U)
+    return post[:, :, lo:hi], inputs["hmm_cols"]
+
+
 def retrieve(
     batch: dict[str, Tensor],
     retriever: Retriever,
@@ -389,10 +483,15 @@ def retrieve(
     jitter = batch.pop("jitter")
     off, n = int(batch.pop("win_offset")[0]), int(batch.pop("win_len")[0])
     exclude = batch["person"][:, None] == panel_person[None, :]
+    chromosome = {key: batch.pop(key) for key in CHROMOSOME_HMM_KEYS if key in batch}
+    if chromosome and panel_post is None and hmm is not None:
+        panel_post = chromosome_posteriors(chromosome, ~exclude, hmm)
     # One set of feature columns serves both the agreement runs and the HMM.
     cols = feature_columns(query != 0, off, n, retriever.feature_sites)
     hmm_kw = (
-        None if hmm is None else {k: v for k, v in hmm.items() if k not in ("select", "err_max")}
+        None
+        if hmm is None
+        else {k: v for k, v in hmm.items() if k not in ("select", "err_max", "scope")}
     )
     panel_states = hmm is not None and hmm.get("states", "neighbours") == "panel"
     if panel_states and panel_post is None and cols.numel() > 0:
@@ -509,7 +608,7 @@ class SNVDataModule(L.LightningDataModule):
             None
             if hmm is None or not hmm.get("enabled", True)
             else {
-                k: v if k in ("states", "select") else _ibs(v) if k == "ibs" else float(v)
+                k: v if k in ("states", "select", "scope") else _ibs(v) if k == "ibs" else float(v)
                 for k, v in hmm.items()
                 if k != "enabled" and v is not None
             }
@@ -532,6 +631,16 @@ class SNVDataModule(L.LightningDataModule):
                 raise SnvbertError("data.hmm.select=posterior needs data.hmm.states=panel")
         if self.hmm is not None and "ibs" in self.hmm and self.hmm.get("states") != "panel":
             raise SnvbertError("data.hmm.ibs needs data.hmm.states=panel (or ibs=null)")
+        if self.hmm is not None and self.hmm.get("scope", "context") not in (
+            "context",
+            "chromosome",
+        ):
+            raise SnvbertError(
+                f"data.hmm.scope='{self.hmm['scope']}' must be 'context' or 'chromosome'"
+            )
+        if self.hmm is not None and self.hmm.get("scope") == "chromosome":
+            if self.hmm.get("states") != "panel":
+                raise SnvbertError("data.hmm.scope=chromosome needs data.hmm.states=panel")
         self.panel = None
         self._samplers: dict[str, WindowBatchSampler] = {}
 
@@ -594,6 +703,7 @@ class SNVDataModule(L.LightningDataModule):
             seed=self.seed,
             length=self.length,
             morgans=self.morgans,
+            hmm_chromosome=self.hmm is not None and self.hmm.get("scope") == "chromosome",
         )
         log.info(
             "data: %d sites, %d windows of %d (overlap %d), people train/val/test %d/%d/%d",
