@@ -61,11 +61,18 @@ def test_cli_lr_reaches_the_config(tmp_path, tiny_sim):
     assert cfg.lr == 5e-5 and cfg.model.d_model == 128 and cfg.schedule.warmup_steps == 10000
 
 
-def test_fast_dev_run(tmp_path, tiny_sim):
-    cfg = compose_train(tmp_path, tiny_sim, "debug=fdr")
+@pytest.mark.parametrize("experiment", [[], ["experiment=accuracy"]])
+def test_fast_dev_run(tmp_path, tiny_sim, experiment):
+    """One training and one validation batch run; experiment=accuracy's validation batch (the
+    array task) runs the chromosome-wide, IBS-state HMM (data.hmm.scope=chromosome)."""
+    cfg = compose_train(tmp_path, tiny_sim, "debug=fdr", *experiment)
     metrics, objects = train(cfg)
     assert objects["trainer"].state.finished
     assert "train/loss" in metrics or "train/loss_step" in metrics
+    if experiment:
+        assert objects["datamodule"].hmm["scope"] == "chromosome"
+        assert objects["datamodule"].dataset.hmm_chromosome
+        assert "val/baseline_hmm_r2" in metrics
 
 
 def read_csv_metrics(run_dir: Path) -> list[dict]:
