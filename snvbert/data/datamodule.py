@@ -473,7 +473,9 @@ def retrieve(
     ``hmm`` (keyword arguments of :func:`copying_posteriors`: ``ne``, ``err``, ``states``), the
     neighbours' Li–Stephens copying posteriors are added as ``nbr_hmm``. ``panel_post``
     (posteriors (B, N, U) over the panel rows, their context columns (U,)) supplies panel-state
-    posteriors computed beforehand (imputation: once per chromosome instead of per window).
+    posteriors computed beforehand (imputation: once per chromosome instead of per window);
+    a training batch built with ``data.hmm.scope=chromosome`` carries its own chromosome-wide
+    HMM inputs (:data:`CHROMOSOME_HMM_KEYS`) instead.
     """
     ctx_morgan = batch.pop("ctx_morgan")
     query = batch.pop("query_ctx")
