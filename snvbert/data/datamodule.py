@@ -35,13 +35,10 @@ from snvbert.data.retrieval import (
     Retriever,
     copying_posteriors,
     feature_columns,
-    forward_backward,
-    ibs_states,
     neighbour_features,
     panel_dosage,
     panel_posteriors,
     select_by_posterior,
-    switch_probabilities,
     tie_jitter,
 )
 from snvbert.data.windows import Window, make_windows, split_people
@@ -179,22 +176,30 @@ class PanelWindows(Dataset):
         typed = None
         if level.strategy == "array":
             typed = self.chip(stream, epoch, level)[ctx]
-        key = {"seed": self.seed, "stream": stream, "epoch": epoch, "window": window.index}
-        n_ctx = window.ctx_end - window.ctx_start
+        return self.draw(stream, epoch, level_index, window.index, haps, self.maf[ctx], typed)
+
+    def draw(
+        self,
+        stream: int,
+        epoch: int,
+        level_index: int,
+        window: int,
+        haps: np.ndarray,
+        maf: np.ndarray,
+        typed: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Hidden sites and genotype-error flips (never on a hidden site), (B, sites) each, of
+        the sites ``maf`` and ``typed`` describe, keyed to ``window``."""
+        level = self.levels[level_index]
+        key = {"seed": self.seed, "stream": stream, "epoch": epoch, "window": window}
         hidden = np.stack(
             [
-                M.draw_mask(
-                    level,
-                    **key,
-                    hap=int(h),
-                    level_index=level_index,
-                    maf=self.maf[ctx],
-                    typed=typed,
-                )
+                M.draw_mask(level, **key, hap=int(h), level_index=level_index, maf=maf, typed=typed)
                 for h in haps
             ]
         )
-        errors = np.stack([M.genotype_errors(level, **key, hap=int(h), n=n_ctx) for h in haps])
+        n = len(maf)
+        errors = np.stack([M.genotype_errors(level, **key, hap=int(h), n=n) for h in haps])
         return hidden, errors & ~hidden
 
     def chromosome_hmm_inputs(
@@ -225,22 +230,8 @@ class PanelWindows(Dataset):
             states = (2 * rows[:, self.panel_haps].astype(np.int8) - 1).astype(np.int8)
             self._chips[key] = (typed, rows, np.ascontiguousarray(states))
         typed, rows, states = self._chips[key]
-        u = len(typed)
-        draws = {"seed": self.seed, "stream": stream, "epoch": epoch, "window": -1}
-        miss = np.stack(
-            [
-                M.draw_mask(
-                    level,
-                    **draws,
-                    hap=int(h),
-                    level_index=level_index,
-                    maf=self.maf[typed],
-                    typed=np.ones(u, dtype=bool),
-                )
-                for h in haps
-            ]
-        )  # (B, U)
-        flips = np.stack([M.genotype_errors(level, **draws, hap=int(h), n=u) for h in haps])
+        all_typed = np.ones(len(typed), dtype=bool)
+        miss, flips = self.draw(stream, epoch, level_index, -1, haps, self.maf[typed], all_typed)
         lo, hi = np.searchsorted(typed, [window.ctx_start, window.ctx_end])
         cols = typed[lo:hi] - window.ctx_start
         miss[:, lo:hi], flips[:, lo:hi] = hidden[:, cols], errors[:, cols]
@@ -453,11 +444,18 @@ def chromosome_posteriors(
     lo, hi = (int(v) for v in inputs["hmm_span"])
     if hi <= lo:
         return None
-    query, states, morgan = inputs["hmm_query"], inputs["hmm_states"], inputs["hmm_morgan"]
-    if hmm.get("ibs") is not None:
-        allowed = ibs_states(query, states, morgan, allowed, **hmm["ibs"])
-    switch = switch_probabilities(morgan, float(hmm["ne"]), states.shape[1])
-    post = forward_backward(states, query, allowed, switch, float(hmm["err"]))  # (B, N, U)
+    query, states = inputs["hmm_query"], inputs["hmm_states"]  # (U, B), (U, N)
+    every = torch.arange(query.shape[0], device=query.device)
+    post = panel_posteriors(
+        query.T,
+        states.T,
+        allowed,
+        inputs["hmm_morgan"],
+        every,
+        ne=float(hmm["ne"]),
+        err=float(hmm["err"]),
+        ibs=hmm.get("ibs"),
+    )  # (B, N, U)
     return post[:, :, lo:hi], inputs["hmm_cols"]
 
 
