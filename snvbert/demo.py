@@ -24,7 +24,7 @@ from snvbert.utils.cli import user_errors_exit
 log = logging.getLogger("snvbert.demo")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://snvbert.conf", config_name="train")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     metrics, objects = train(cfg)

@@ -81,7 +81,7 @@ def report(health: TrainingHealth, steps: int) -> str:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="diagnose")
+@hydra.main(version_base="1.3", config_path="pkg://snvbert.conf", config_name="diagnose")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     status, health, _ = diagnose(cfg)

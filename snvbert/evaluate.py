@@ -518,7 +518,7 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
     plt.close(fig)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="pkg://snvbert.conf", config_name="evaluate")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     for key in ("truth", "imputed", "panel", "array"):

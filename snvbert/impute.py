@@ -895,7 +895,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="impute")
+@hydra.main(version_base="1.3", config_path="pkg://snvbert.conf", config_name="impute")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     for key in ("ckpt", "panel", "target", "out"):

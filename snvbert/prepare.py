@@ -28,7 +28,7 @@ def prepare(cfg: DictConfig) -> Panel:
     )
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="prepare")
+@hydra.main(version_base=None, config_path="pkg://snvbert.conf", config_name="prepare")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     print(prepare(cfg).summary())

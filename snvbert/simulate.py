@@ -721,7 +721,7 @@ def _log_summary(out: Path, manifest: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- command line
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="simulate")
+@hydra.main(version_base=None, config_path="pkg://snvbert.conf", config_name="simulate")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
     """``python -m snvbert.simulate out=DIR seed=N`` (options: conf/simulate.yaml)."""

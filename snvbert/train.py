@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://snvbert.conf", config_name="train")
 @user_errors_exit
 def main(cfg: DictConfig) -> float | None:
     metrics, objects = train(cfg)
