@@ -29,6 +29,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from snvbert.errors import SnvbertError
+from snvbert.metrics import MAF_EDGES as MAF_BINS
 from snvbert.utils.cli import user_errors_exit
 from snvbert.utils.io import atomic_path, write_bgzipped_vcf
 
@@ -36,7 +37,6 @@ log = logging.getLogger("snvbert.simulate")
 
 SPECIES = "HomSap"
 DEFAULT_DEMOGRAPHY = "OutOfAfrica_3G09"
-MAF_BINS = (0.0, 0.001, 0.005, 0.01, 0.05, 0.5)
 FILES = {
     "panel": "panel.vcf.gz",
     "truth": "truth.vcf.gz",
