@@ -21,8 +21,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from snvbert.metrics import DosageR2
-from snvbert.model.module import scored_sites
+from snvbert.metrics import DosageR2, scored_sites
 
 NAMES = ("af", "top1", "longest", "runs4", "hmm")
 

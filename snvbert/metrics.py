@@ -7,6 +7,7 @@ sync exactly under DDP: the r² of the pooled genotypes, not a mean of per-rank 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -22,6 +23,16 @@ MAF_BIN_NAMES: tuple[str, ...] = tuple(
     f"r2_maf_{lo:g}_{hi:g}" for lo, hi in zip(MAF_EDGES[:-1], MAF_EDGES[1:], strict=True)
 )
 RARE_MAF = 0.05  # F1 is reported separately below and above this MAF
+
+
+def scored_sites(batch: Mapping[str, Tensor]) -> Tensor:
+    """Sites that count in metrics: hidden, and in the window's core.
+
+    Windows overlap; counting only core sites scores each (site, haplotype) once, as the
+    stitched imputation output will. The loss still uses every hidden site of the window.
+    """
+    mask = batch["mask"]
+    return mask & batch["core"] if "core" in batch else mask
 
 
 def aggregate_r2(dosage: np.ndarray, truth: np.ndarray) -> float:

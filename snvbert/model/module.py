@@ -11,21 +11,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from snvbert.metrics import DosageR2, MaskedMetrics
+from snvbert.metrics import DosageR2, MaskedMetrics, scored_sites
 from snvbert.model.loss import focal_loss
 from snvbert.model.net import NetConfig, SNVBertNet
 
 log = logging.getLogger(__name__)
-
-
-def scored_sites(batch: Mapping[str, Tensor]) -> Tensor:
-    """Sites that count in metrics: hidden, and in the window's core.
-
-    Windows overlap; counting only core sites scores each (site, haplotype) once, as the
-    stitched imputation output will. The loss still uses every hidden site of the window.
-    """
-    mask = batch["mask"]
-    return mask & batch["core"] if "core" in batch else mask
 
 
 def n_hidden(batch: Mapping[str, Tensor]) -> int:
