@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -49,18 +50,30 @@ def test_cosine_lr_at_chosen_steps(lr: float) -> None:
 @pytest.mark.parametrize("lr", [1e-3, 2.5e-4])
 def test_inverse_sqrt_and_constant(lr: float) -> None:
     steps = [0, WARMUP // 2, WARMUP, 4 * WARMUP]
-    inv = _lrs(S.inverse_sqrt, lr, steps)
+    inv_kw = {"warmup_start_factor": 0.2, "min_factor": 0.0}
+    inv = _lrs(S.inverse_sqrt, lr, steps, **inv_kw)
     assert inv[0] == pytest.approx(0.2 * lr)
     assert inv[WARMUP] == pytest.approx(lr)
     assert inv[4 * WARMUP] == pytest.approx(lr * math.sqrt(1 / 4))
-    const = _lrs(S.constant, lr, steps)
+    const_kw = {"warmup_start_factor": 0.2}
+    const = _lrs(S.constant, lr, steps, **const_kw)
     assert const[WARMUP // 2] == pytest.approx(0.6 * lr)
     assert const[4 * WARMUP] == pytest.approx(lr)
-    for name, seen in (("inverse_sqrt", inv), ("constant", const)):
+    for name, seen, kw in (("inverse_sqrt", inv, inv_kw), ("constant", const, const_kw)):
         for step, got in seen.items():
             assert got == pytest.approx(
-                S.lr_at(name, step, lr, warmup_steps=WARMUP, total_steps=TOTAL)
+                S.lr_at(name, step, lr, warmup_steps=WARMUP, total_steps=TOTAL, **kw)
             )
+
+
+@pytest.mark.parametrize("name", ["cosine", "inverse_sqrt", "constant"])
+def test_schedule_settings_have_no_code_default(name: str) -> None:
+    """conf/schedule/<name>.yaml is the one place a schedule's settings are set: the builder
+    takes every key of that file and gives none of them a default of its own."""
+    params = inspect.signature(getattr(S, name)).parameters
+    keys = set(OmegaConf.load(CONF / f"{name}.yaml")) - {"_target_", "_partial_"}
+    assert keys == {p for p in params if p not in ("optimizer", "total_steps")}
+    assert all(params[k].default is inspect.Parameter.empty for k in keys)
 
 
 @pytest.mark.parametrize("name", ["cosine", "inverse_sqrt", "constant"])

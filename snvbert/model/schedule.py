@@ -4,6 +4,7 @@ The learning rate itself always comes from the config: these functions only shap
 factor of the optimizer's configured lr. Each schedule has a pure ``*_factor`` formula; the
 ``LambdaLR`` built from it carries the schedule's name and arguments (``scheduler.snvbert``) so
 the training-health check can recompute the expected lr independently with :func:`lr_at`.
+Their settings have no defaults here: conf/schedule/<name>.yaml is the one place they are set.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def cosine_factor(
     *,
     warmup_steps: int,
     total_steps: int,
-    warmup_start_factor: float = 0.2,
-    min_factor: float = 0.0,
+    warmup_start_factor: float,
+    min_factor: float,
 ) -> float:
     """Linear warmup from start factor to 1, then cosine to ``min_factor`` at ``total_steps``."""
     if step < warmup_steps:
@@ -40,11 +41,12 @@ def inverse_sqrt_factor(
     step: int,
     *,
     warmup_steps: int,
+    warmup_start_factor: float,
+    min_factor: float,
     total_steps: int | None = None,
-    warmup_start_factor: float = 0.2,
-    min_factor: float = 0.0,
 ) -> float:
-    """Linear warmup, then ``sqrt(warmup / step)``, floored at ``min_factor``."""
+    """Linear warmup, then ``sqrt(warmup / step)``, floored at ``min_factor`` (``total_steps`` is
+    not used)."""
     if step < warmup_steps:
         return _warmup(step, warmup_steps, warmup_start_factor)
     return max(min_factor, math.sqrt(max(1, warmup_steps) / max(1, step)))
@@ -54,11 +56,10 @@ def constant_factor(
     step: int,
     *,
     warmup_steps: int,
+    warmup_start_factor: float,
     total_steps: int | None = None,
-    warmup_start_factor: float = 0.2,
-    min_factor: float = 0.0,
 ) -> float:
-    """Linear warmup, then flat."""
+    """Linear warmup, then flat (``total_steps`` is not used)."""
     if step < warmup_steps:
         return _warmup(step, warmup_steps, warmup_start_factor)
     return 1.0
@@ -82,7 +83,7 @@ def _build(
     total_steps: int,
     warmup_steps: int,
     warmup_start_factor: float,
-    min_factor: float,
+    **shape: float,
 ) -> LambdaLR:
     if not 0.0 < warmup_start_factor <= 1.0:
         raise ValueError(f"warmup_start_factor must be in (0, 1], got {warmup_start_factor}")
@@ -90,7 +91,7 @@ def _build(
         "warmup_steps": int(warmup_steps),
         "total_steps": int(total_steps),
         "warmup_start_factor": float(warmup_start_factor),
-        "min_factor": float(min_factor),
+        **{k: float(v) for k, v in shape.items()},
     }
     sched = LambdaLR(optimizer, functools.partial(FACTORS[schedule], **kwargs))
     sched.snvbert = {"schedule": schedule, **kwargs}  # read by the health check with lr_at
@@ -100,30 +101,46 @@ def _build(
 def cosine(
     optimizer: Optimizer,
     total_steps: int,
-    warmup_steps: int = 0,
-    warmup_start_factor: float = 0.2,
-    min_factor: float = 0.0,
+    *,
+    warmup_steps: int,
+    warmup_start_factor: float,
+    min_factor: float,
 ) -> LambdaLR:
-    return _build("cosine", optimizer, total_steps, warmup_steps, warmup_start_factor, min_factor)
+    return _build(
+        "cosine",
+        optimizer,
+        total_steps,
+        warmup_steps=warmup_steps,
+        warmup_start_factor=warmup_start_factor,
+        min_factor=min_factor,
+    )
 
 
 def inverse_sqrt(
     optimizer: Optimizer,
     total_steps: int,
-    warmup_steps: int = 0,
-    warmup_start_factor: float = 0.2,
-    min_factor: float = 0.0,
+    *,
+    warmup_steps: int,
+    warmup_start_factor: float,
+    min_factor: float,
 ) -> LambdaLR:
     return _build(
-        "inverse_sqrt", optimizer, total_steps, warmup_steps, warmup_start_factor, min_factor
+        "inverse_sqrt",
+        optimizer,
+        total_steps,
+        warmup_steps=warmup_steps,
+        warmup_start_factor=warmup_start_factor,
+        min_factor=min_factor,
     )
 
 
 def constant(
-    optimizer: Optimizer,
-    total_steps: int,
-    warmup_steps: int = 0,
-    warmup_start_factor: float = 0.2,
-    min_factor: float = 0.0,
+    optimizer: Optimizer, total_steps: int, *, warmup_steps: int, warmup_start_factor: float
 ) -> LambdaLR:
-    return _build("constant", optimizer, total_steps, warmup_steps, warmup_start_factor, min_factor)
+    return _build(
+        "constant",
+        optimizer,
+        total_steps,
+        warmup_steps=warmup_steps,
+        warmup_start_factor=warmup_start_factor,
+    )
