@@ -7,15 +7,18 @@ point that returns the optimized metric, so Hydra sweepers (Optuna) work unchang
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from snvbert.errors import SnvbertError
+from snvbert.model.loss import LossConfig
 from snvbert.model.module import SNVBertModule
 from snvbert.model.net import NetConfig
 from snvbert.utils.cli import user_errors_exit
@@ -32,6 +35,24 @@ def auto_precision() -> str:
 
 if not OmegaConf.has_resolver("snvbert_precision"):
     OmegaConf.register_new_resolver("snvbert_precision", auto_precision)
+
+
+@dataclass
+class NetNode(NetConfig):
+    """NetConfig with its Hydra target: ``model/_base``, the node conf/model/<size>.yaml extend."""
+
+    _target_: str = "snvbert.model.net.SNVBertNet"
+
+
+def register_configs() -> None:
+    """The config nodes built from dataclasses, whose defaults are written there and not in conf/:
+    ``model/_base`` (:class:`NetConfig`) and ``loss/focal`` (:class:`LossConfig`)."""
+    store = ConfigStore.instance()
+    store.store(group="model", name="_base", node=NetNode)
+    store.store(group="loss", name="focal", node=LossConfig)
+
+
+register_configs()
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -54,7 +75,7 @@ def build_module(cfg: DictConfig) -> SNVBertModule:
         lr=float(cfg.lr),
         focal_gamma=float(cfg.loss.focal_gamma),
         focal_alpha=cfg.loss.focal_alpha,
-        compile=bool(cfg.get("compile", False)),
+        compile=bool(cfg.compile),
     )
 
 
@@ -62,7 +83,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (and optionally test) a model; return the final metrics and the built objects."""
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data)
-    if cfg.model.get("hmm_skip", NetConfig.hmm_skip) and datamodule.hmm is None:
+    if cfg.model.hmm_skip and datamodule.hmm is None:
         raise SnvbertError(
             "model.hmm_skip=true adds the HMM's P(ALT) to the output, but data.hmm.enabled=false: "
             "enable the HMM or set model.hmm_skip=false"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import lightning as L
@@ -11,14 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from hydra_config import compose_config
 
 from snvbert.data.batch import MASK, PAD
 from snvbert.model.module import SNVBertModule
-from snvbert.model.net import SIZES, SNVBertNet, build_net
+from snvbert.model.net import SIZES, NetConfig, SNVBertNet, build_net
 from snvbert.model.schedule import cosine, lr_at
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _runs(agree: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
@@ -228,15 +227,23 @@ def test_hmm_skip_starts_at_the_hmm_and_learns_beyond_it(one_thread) -> None:
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
-def test_model_configs_match_size_table_and_build(size: str) -> None:
-    cfg = OmegaConf.load(CONF / "model" / f"{size}.yaml")
-    for key, value in SIZES[size].items():
-        assert cfg[key] == value, f"conf/model/{size}.yaml {key}={cfg[key]} but SIZES says {value}"
-    if size == "tiny":
-        cfg.dropout = 0.2  # a flat override, as `model.dropout=0.2` on the command line
-        net = instantiate(cfg)
-        assert isinstance(net, SNVBertNet) and net.config.dropout == 0.2
-        assert net.config.fusion_layers == (0, cfg.n_layer)
+def test_size_configs_state_only_the_size_and_build_as_in_python(size: str, tmp_path: Path) -> None:
+    """conf/model/<size>.yaml writes no NetConfig default a second time, and ``model=<size>``
+    on the command line builds the net ``build_net(size)`` builds in Python."""
+    written = SIZES[size]
+    defaults = {f.name: f.default for f in fields(NetConfig) if f.default is not MISSING}
+    assert {"d_model", "n_layer", "n_head"} <= set(written) <= {f.name for f in fields(NetConfig)}
+    repeated = {k: v for k, v in written.items() if k in defaults and defaults[k] == v}
+    assert not repeated, f"conf/model/{size}.yaml repeats NetConfig's defaults {repeated}"
+    cfg = compose_config("train", tmp_path, [f"model={size}"])
+    assert instantiate(cfg.model).config == build_net(size).config
+    # flat overrides of a size's key and of a NetConfig default, as on the command line
+    cfg = compose_config(
+        "train", tmp_path, [f"model={size}", "model.dropout=0.2", "model.hmm_skip=false"]
+    )
+    net = instantiate(cfg.model)
+    assert net.config == build_net(size, dropout=0.2, hmm_skip=False).config
+    assert net.config.fusion_layers == (0, written["n_layer"])
 
 
 def _loader(batches: list[dict[str, torch.Tensor]]) -> torch.utils.data.DataLoader:

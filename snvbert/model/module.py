@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from snvbert.metrics import DosageR2, MaskedMetrics, scored_sites
-from snvbert.model.loss import focal_loss
+from snvbert.model.loss import LossConfig, focal_loss
 from snvbert.model.net import NetConfig, SNVBertNet
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ class SNVBertModule(L.LightningModule):
             ``total_steps``; None for a constant lr.
         lr: the learning rate. It is the lr the optimizer gets, before the schedule's factor.
             Needed to train; no default, so that no lr is ever chosen in code.
-        focal_gamma, focal_alpha: see :func:`snvbert.model.loss.focal_loss`.
+        focal_gamma, focal_alpha: see :func:`snvbert.model.loss.focal_loss`; defaults from
+            :class:`snvbert.model.loss.LossConfig` (those of conf/train.yaml).
         compile: wrap the net in ``torch.compile`` at fit start.
     """
 
@@ -44,8 +45,8 @@ class SNVBertModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         lr: float | None = None,
-        focal_gamma: float = 2.0,
-        focal_alpha: float | None = None,
+        focal_gamma: float = LossConfig.focal_gamma,
+        focal_alpha: float | None = LossConfig.focal_alpha,
         compile: bool = False,
     ) -> None:
         super().__init__()

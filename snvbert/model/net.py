@@ -1,8 +1,8 @@
 """SNVBertNet: a BERT-style encoder over one query haplotype window, with neighbour fusion.
 
-Read top to bottom: the config and size table, the embedding, the encoder block, the neighbour
-fusion (the retrieval-augmented part), then the model that strings them together. The batch it
-reads is described key by key in :mod:`snvbert.data.batch`.
+Read top to bottom: the config, the embedding, the encoder block, the neighbour fusion (the
+retrieval-augmented part), the model that strings them together, then the named sizes
+(conf/model/). The batch it reads is described key by key in :mod:`snvbert.data.batch`.
 """
 
 from __future__ import annotations
@@ -10,22 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from importlib.resources import files
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from snvbert.data.batch import VOCAB_SIZE
-
-# Size table: the single place the named sizes are defined (conf/model/*.yaml mirror it, and a
-# test checks that they agree).
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"d_model": 32, "n_layer": 2, "n_head": 2},
-    "small": {"d_model": 128, "n_layer": 8, "n_head": 4},
-    "large": {"d_model": 256, "n_layer": 12, "n_head": 8},
-    "xlarge": {"d_model": 384, "n_layer": 16, "n_head": 8},
-}
 
 # Per (site, neighbour) features the fusion scores; see `neighbour_features`.
 N_FUSION_FEATURES = 8
@@ -43,9 +36,16 @@ _HMM_EPS = 1e-4
 
 @dataclass
 class NetConfig:
-    d_model: int = 128
-    n_layer: int = 8
-    n_head: int = 4
+    """The net's settings, and the one home of their defaults.
+
+    A size (d_model, n_layer, n_head) has no default: each is named in conf/model/<size>.yaml,
+    which states only those (and dropout where it differs); the rest comes from here, as
+    Hydra's ``model/_base`` node (registered in :mod:`snvbert.train`) and as Python defaults.
+    """
+
+    d_model: int
+    n_layer: int
+    n_head: int
     dropout: float = 0.1
     max_len: int = 1024  # longest window (sites) the learned position embedding covers
     # Depths 0..n_layer at which neighbours are fused (0 = after the embedding); None -> (0, n_layer).
@@ -431,8 +431,23 @@ class SNVBertNet(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
+def _read_sizes() -> dict[str, dict[str, Any]]:
+    """What makes each named size: conf/model/<size>.yaml without its defaults list."""
+    sizes = {}
+    for path in sorted(files("snvbert.conf").joinpath("model").iterdir(), key=lambda p: p.name):
+        if path.name.endswith(".yaml"):
+            node = OmegaConf.to_container(OmegaConf.create(path.read_text()))
+            node.pop("defaults", None)
+            sizes[path.name.removesuffix(".yaml")] = node
+    return sizes
+
+
+# The named sizes, as `model=<size>` composes them (conf/model/ is the one place they are written).
+SIZES: dict[str, dict[str, Any]] = _read_sizes()
+
+
 def build_net(size: str, **overrides: Any) -> SNVBertNet:
-    """A net of a named size from the table, e.g. ``build_net("small", dropout=0.0)``."""
+    """A net of a named size, as ``model=<size>`` builds it, e.g. ``build_net("small", dropout=0.0)``."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose from {sorted(SIZES)}")
     return SNVBertNet(**{**SIZES[size], **overrides})
