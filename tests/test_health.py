@@ -151,19 +151,22 @@ def test_healthy_figures_are_meaningful(healthy) -> None:
     """Thresholds sit well away from a healthy run: they would catch a real fault, not noise."""
     health, *_ = healthy
     entropies = [e for _, e in health.history["fusion_entropy"]]
-    assert min(entropies) > 10 * health.entropy_min
+    assert min(entropies) > 10 * health.thresholds.entropy_min
     spreads = [s for _, s in health.history["logit_spread"]]
-    assert min(spreads) > 100 * health.spread_min
+    assert min(spreads) > 100 * health.thresholds.spread_min
     ratios = [r for _, step in health.history["update_ratio"] for r in step.values()]
-    assert min(ratios) > 10 * health.update_ratio_min and max(ratios) < health.update_ratio_max / 10
+    assert (
+        min(ratios) > 10 * health.thresholds.update_ratio_min
+        and max(ratios) < health.thresholds.update_ratio_max / 10
+    )
     grads = [r for _, step in health.history["grad_ratio"] for r in step.values()]
-    assert min(grads) > 1e3 * health.grad_ratio_min
+    assert min(grads) > 1e3 * health.thresholds.grad_ratio_min
     val = health.history["validation"]
     assert len(val) == 2 and val[1]["final_level"]
     # debug=default warms up over 1000 steps, so these 10 steps train at ~0.2 x lr and validation
     # moves little; still well clear of "identical".
     change = max(abs(val[1]["val"][k] - val[0]["val"][k]) for k in ("val/loss", "val/r2", "val/f1"))
-    assert change > 10 * health.frozen_atol
+    assert change > 10 * health.thresholds.frozen_atol
 
 
 # -- planted faults, one per check -------------------------------------------------------------
