@@ -7,6 +7,7 @@ tensors handed to the check directly. One healthy run is shared by the module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -19,13 +20,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from hydra_config import compose_config
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import snvbert.data.datamodule as datamodule_mod
 import snvbert.train as train_mod
 from snvbert.diagnose import diagnose, prepare, report
-from snvbert.health import CHECKS, FAIL, OK, WARN, TrainingHealth
+from snvbert.health import CHECKS, EVERY_N_STEPS, FAIL, OK, WARN, HealthThresholds, TrainingHealth
 from snvbert.model.module import SNVBertModule
 from snvbert.model.net import NeighbourFusion, build_net
 
@@ -370,6 +372,39 @@ def test_vanishing_gradient_in_one_group() -> None:
     grads = health.results["gradients"]
     assert grads.status == WARN and "< 1e-08: block.1 " in grads.figure, health.table()
     assert [e["subject"] for e in health.events] == ["vanishing:block.1"]
+
+
+# -- where the thresholds come from -----------------------------------------------------------
+def _composed(name: str, *overrides: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def test_thresholds_have_one_source_and_the_cli_gets_the_python_defaults() -> None:
+    """conf/callbacks/default.yaml names every knob (so overrides need no `+`) and states no
+    value: the defaults live in HealthThresholds and TrainingHealth alone."""
+    node = _composed("train").callbacks.health
+    knobs = OmegaConf.to_container(node)
+    assert knobs.pop("_target_") == "snvbert.health.TrainingHealth"
+    fields = {f.name for f in dataclasses.fields(HealthThresholds)}
+    assert set(knobs) == {"every_n_steps"} | fields and set(knobs.values()) == {None}
+    cli, python = instantiate(node), TrainingHealth()
+    assert cli.thresholds == python.thresholds == HealthThresholds()
+    assert cli.every_n_steps == python.every_n_steps == EVERY_N_STEPS
+    assert cli.summary()["thresholds"] == python.summary()["thresholds"]
+
+
+def test_threshold_overrides_on_the_command_line() -> None:
+    node = _composed(
+        "train", "callbacks.health.lr_rtol=1e-5", "callbacks.health.entropy_patience=5"
+    ).callbacks.health
+    health = instantiate(node)
+    assert health.thresholds == HealthThresholds(lr_rtol=1e-5, entropy_patience=5)
+    diag = instantiate(_composed("diagnose", "callbacks.health.every_n_steps=7").callbacks.health)
+    assert diag.every_n_steps == 7 and diag.print_summary is False
+    assert diag.thresholds == HealthThresholds()
+    assert instantiate(_composed("diagnose").callbacks.health).every_n_steps == 5
 
 
 # -- the diagnose command ----------------------------------------------------------------------
