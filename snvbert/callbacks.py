@@ -76,21 +76,16 @@ class MaskEpochs(L.Callback):
 
     @staticmethod
     def val_fingerprint(dm: Any) -> str:
-        """Fingerprint of the validation chip: unchanged across epochs when val masks are fixed."""
+        """Fingerprint of the validation chip: unchanged across epochs when val masks are fixed.
+
+        The chip is the one validation batches are masked with: ``dm.dataset.chip`` for the
+        validation sampler's stream and mask epoch at the final level.
+        """
         final = dm.curriculum.levels[-1]
         sampler = dm.sampler("val")
         if final.strategy != "array":
             return f"{final.strategy}@epoch{sampler.mask_epoch}"
-        typed = M.chip_sites(
-            dm.panel.pos,
-            np.minimum(dm.af, 1 - dm.af),
-            seed=dm.seed,
-            stream=sampler.stream,
-            epoch=sampler.mask_epoch,
-            spacing_bp=final.spacing_bp,
-            min_maf=final.min_maf,
-        )
-        return M.fingerprint(typed)
+        return M.fingerprint(dm.dataset.chip(sampler.stream, sampler.mask_epoch, final))
 
     def on_train_batch_end(
         self,

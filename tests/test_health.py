@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -26,8 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import snvbert.data.datamodule as datamodule_mod
 import snvbert.train as train_mod
+from snvbert.callbacks import MaskEpochs
+from snvbert.data import masks as M
 from snvbert.diagnose import diagnose, prepare, report
 from snvbert.health import CHECKS, EVERY_N_STEPS, FAIL, OK, WARN, HealthThresholds, TrainingHealth
+from snvbert.health.figures import val_chip_fingerprint
 from snvbert.model.module import SNVBertModule
 from snvbert.model.net import NeighbourFusion, build_net
 
@@ -405,6 +409,27 @@ def test_threshold_overrides_on_the_command_line() -> None:
     assert diag.every_n_steps == 7 and diag.print_summary is False
     assert diag.thresholds == HealthThresholds()
     assert instantiate(_composed("diagnose").callbacks.health).every_n_steps == 5
+
+
+def test_validation_chip_fingerprint_is_the_datamodules_chip(tmp_path, cache, tiny_sim) -> None:
+    """Both callbacks fingerprint the chip PanelWindows.chip draws for validation, as the chip
+    was fingerprinted before they asked the datamodule for it."""
+    cfg = compose_cfg(tmp_path, cache, tiny_sim, ARRAY_ONLY)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    final, sampler = dm.curriculum.levels[-1], dm.sampler("val")
+    typed = M.chip_sites(
+        dm.panel.pos,
+        np.minimum(dm.af, 1 - dm.af),
+        seed=dm.seed,
+        stream=sampler.stream,
+        epoch=sampler.mask_epoch,
+        spacing_bp=final.spacing_bp,
+        min_maf=final.min_maf,
+    )
+    assert MaskEpochs.val_fingerprint(dm) == val_chip_fingerprint(dm) == M.fingerprint(typed)
+    assert val_chip_fingerprint(object()) is None  # a datamodule without the chip machinery
 
 
 # -- the diagnose command ----------------------------------------------------------------------
