@@ -7,20 +7,16 @@ point that returns the optimized metric, so Hydra sweepers (Optuna) work unchang
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from snvbert.errors import SnvbertError
-from snvbert.model.loss import LossConfig
 from snvbert.model.module import SNVBertModule
-from snvbert.model.net import NetConfig
 from snvbert.utils.cli import user_errors_exit
 
 log = logging.getLogger("snvbert.train")
@@ -35,24 +31,6 @@ def auto_precision() -> str:
 
 if not OmegaConf.has_resolver("snvbert_precision"):
     OmegaConf.register_new_resolver("snvbert_precision", auto_precision)
-
-
-@dataclass
-class NetNode(NetConfig):
-    """NetConfig with its Hydra target: ``model/_base``, the node conf/model/<size>.yaml extend."""
-
-    _target_: str = "snvbert.model.net.SNVBertNet"
-
-
-def register_configs() -> None:
-    """The config nodes built from dataclasses, whose defaults are written there and not in conf/:
-    ``model/_base`` (:class:`NetConfig`) and ``loss/focal`` (:class:`LossConfig`)."""
-    store = ConfigStore.instance()
-    store.store(group="model", name="_base", node=NetNode)
-    store.store(group="loss", name="focal", node=LossConfig)
-
-
-register_configs()
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:

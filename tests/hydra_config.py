@@ -9,8 +9,6 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import snvbert.train  # noqa: F401  registers model/_base and loss/focal, built from dataclasses
-
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +16,7 @@ from hydra_config import compose_config
 
 from snvbert.data.batch import MASK, PAD
 from snvbert.model.module import SNVBertModule
-from snvbert.model.net import SIZES, NetConfig, SNVBertNet, build_net
+from snvbert.model.net import DEFAULTS, SIZES, NetConfig, SNVBertNet, build_net
 from snvbert.model.schedule import cosine, lr_at
 
 
@@ -228,13 +228,12 @@ def test_hmm_skip_starts_at_the_hmm_and_learns_beyond_it(one_thread) -> None:
 
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_size_configs_state_only_the_size_and_build_as_in_python(size: str, tmp_path: Path) -> None:
-    """conf/model/<size>.yaml writes no NetConfig default a second time, and ``model=<size>``
-    on the command line builds the net ``build_net(size)`` builds in Python."""
+    """conf/model/<size>.yaml writes no default of conf/model/_base.yaml a second time, and
+    ``model=<size>`` on the command line builds the net ``build_net(size)`` builds in Python."""
     written = SIZES[size]
-    defaults = {f.name: f.default for f in fields(NetConfig) if f.default is not MISSING}
     assert {"d_model", "n_layer", "n_head"} <= set(written) <= {f.name for f in fields(NetConfig)}
-    repeated = {k: v for k, v in written.items() if k in defaults and defaults[k] == v}
-    assert not repeated, f"conf/model/{size}.yaml repeats NetConfig's defaults {repeated}"
+    repeated = {k: v for k, v in written.items() if k in DEFAULTS and DEFAULTS[k] == v}
+    assert not repeated, f"conf/model/{size}.yaml repeats _base.yaml's defaults {repeated}"
     cfg = compose_config("train", tmp_path, [f"model={size}"])
     assert instantiate(cfg.model).config == build_net(size).config
     # flat overrides of a size's key and of a NetConfig default, as on the command line

@@ -20,7 +20,8 @@ CONF = ROOT / "conf"
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """The group's options; a leading ``_`` marks a file the options extend (model/_base)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def compose_train(tmp_path: Path, sim: Path, *overrides: str):

@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-
-@dataclass
-class LossConfig:
-    """The loss settings, and the one home of their defaults: conf/train.yaml's ``loss`` node is
-    built from this class (``loss.focal_gamma=2`` overrides it) and :class:`SNVBertModule`'s
-    keyword defaults are these.
-    """
-
-    # gamma=0 is binary cross-entropy, a proper scoring rule: dosages (DS, GP) need calibrated
-    # probabilities. Measured on the demo panel, array task: gamma=2 moved val r² from 0.865 to
-    # 0.833 in 4 epochs while its own loss fell; gamma=0 held 0.869.
-    focal_gamma: float = 0.0
-    # Weight of ALT targets (REF: 1 - alpha); null weighs both alike.
-    focal_alpha: float | None = None
 
 
 def focal_loss(

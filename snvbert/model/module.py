@@ -5,17 +5,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from importlib.resources import files
 from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from snvbert.metrics import DosageR2, MaskedMetrics, scored_sites
-from snvbert.model.loss import LossConfig, focal_loss
+from snvbert.model.loss import focal_loss
 from snvbert.model.net import NetConfig, SNVBertNet
 
 log = logging.getLogger(__name__)
+
+# conf/train.yaml as written: the defaults of `loss.*` and `compile` below are its values, so a
+# module built in Python trains as `python -m snvbert.train` does (the YAML is their one place).
+TRAIN_DEFAULTS = OmegaConf.create((files("snvbert.conf") / "train.yaml").read_text())
 
 
 def n_hidden(batch: Mapping[str, Tensor]) -> int:
@@ -34,9 +40,10 @@ class SNVBertModule(L.LightningModule):
             ``total_steps``; None for a constant lr.
         lr: the learning rate. It is the lr the optimizer gets, before the schedule's factor.
             Needed to train; no default, so that no lr is ever chosen in code.
-        focal_gamma, focal_alpha: see :func:`snvbert.model.loss.focal_loss`; defaults from
-            :class:`snvbert.model.loss.LossConfig` (those of conf/train.yaml).
+        focal_gamma, focal_alpha: see :func:`snvbert.model.loss.focal_loss`.
         compile: wrap the net in ``torch.compile`` at fit start.
+
+    The defaults of ``focal_gamma``, ``focal_alpha`` and ``compile`` are conf/train.yaml's.
     """
 
     def __init__(
@@ -45,9 +52,9 @@ class SNVBertModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         lr: float | None = None,
-        focal_gamma: float = LossConfig.focal_gamma,
-        focal_alpha: float | None = LossConfig.focal_alpha,
-        compile: bool = False,
+        focal_gamma: float = TRAIN_DEFAULTS.loss.focal_gamma,
+        focal_alpha: float | None = TRAIN_DEFAULTS.loss.focal_alpha,
+        compile: bool = TRAIN_DEFAULTS.compile,
     ) -> None:
         super().__init__()
         if not isinstance(net, SNVBertNet):

@@ -34,31 +34,47 @@ _LOGIT_SCALE = 4.0
 _HMM_EPS = 1e-4
 
 
+def _model_yaml(name: str) -> dict[str, Any]:
+    """conf/model/<name>.yaml's own keys: without its defaults list, ``_target_`` and ``???``."""
+    node = OmegaConf.create((files("snvbert.conf") / "model" / f"{name}.yaml").read_text())
+    return {
+        k: v
+        for k, v in OmegaConf.to_container(node).items()
+        if k not in ("defaults", "_target_") and not OmegaConf.is_missing(node, k)
+    }
+
+
+# The defaults every size shares, read from conf/model/_base.yaml: the one place they are written.
+DEFAULTS: dict[str, Any] = _model_yaml("_base")
+
+
 @dataclass
 class NetConfig:
-    """The net's settings, and the one home of their defaults.
+    """The net's settings, one per key of ``model`` in the config.
 
-    A size (d_model, n_layer, n_head) has no default: each is named in conf/model/<size>.yaml,
-    which states only those (and dropout where it differs); the rest comes from here, as
-    Hydra's ``model/_base`` node (registered in :mod:`snvbert.train`) and as Python defaults.
+    No default is written here: those every size shares are conf/model/_base.yaml's
+    (:data:`DEFAULTS`), and a size's d_model, n_layer, n_head (and dropout where it differs)
+    are conf/model/<size>.yaml's (:data:`SIZES`). :meth:`from_any`, and so ``SNVBertNet(...)``
+    and :func:`build_net`, fills in what a caller leaves out from the former, as
+    ``model=<size>`` does.
     """
 
     d_model: int
     n_layer: int
     n_head: int
-    dropout: float = 0.1
-    max_len: int = 1024  # longest window (sites) the learned position embedding covers
+    dropout: float
+    max_len: int  # longest window (sites) the learned position embedding covers
     # Depths 0..n_layer at which neighbours are fused (0 = after the embedding); None -> (0, n_layer).
-    fusion_layers: tuple[int, ...] | None = None
-    fusion_heads: int | None = None  # None -> n_head
+    fusion_layers: tuple[int, ...] | None
+    fusion_heads: int | None  # None -> n_head
     # At init, fusion head h weights neighbours by ((left+1)(right+1))^c_h, c_h spread over this range.
-    fusion_init_sharpness: tuple[float, float] = (2.0, 5.0)
-    dist_unit_bp: float = 100.0  # genomic distance unit of the sinusoidal encoding
-    bias: bool = True
+    fusion_init_sharpness: tuple[float, float]
+    dist_unit_bp: float  # genomic distance unit of the sinusoidal encoding
+    bias: bool  # biases in the blocks' linear layers
     # Add gain * logit(hmm_dose), the data's Li–Stephens P(ALT) over every panel state, to the
     # output logit, with the rest of the head starting near 0: the net starts as the HMM and
     # learns corrections to it.
-    hmm_skip: bool = True
+    hmm_skip: bool
 
     def __post_init__(self) -> None:
         # Hydra hands lists as ListConfig; store plain tuples so the config pickles and compares.
@@ -80,15 +96,19 @@ class NetConfig:
     def from_any(
         cls, cfg: NetConfig | Mapping[str, Any] | None = None, **overrides: Any
     ) -> NetConfig:
-        """A config from a NetConfig, a dict (checkpoint hparams, Hydra node) or keywords."""
-        base = asdict(cfg) if isinstance(cfg, NetConfig) else dict(cfg or {})
-        base.update(overrides)
-        base.pop("_target_", None)
+        """A config from a NetConfig, a dict (checkpoint hparams, Hydra node) or keywords;
+        keys not given take :data:`DEFAULTS`."""
+        given = asdict(cfg) if isinstance(cfg, NetConfig) else dict(cfg or {})
+        given.update(overrides)
+        given.pop("_target_", None)
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(base) - known)
+        unknown = sorted(set(given) - known)
         if unknown:
             raise TypeError(f"unknown model config keys {unknown}; known: {sorted(known)}")
-        return cls(**base)
+        missing = sorted(known - set(DEFAULTS) - set(given))
+        if missing:
+            raise TypeError(f"model config lacks {missing}: a size sets them ({sorted(SIZES)})")
+        return cls(**{**DEFAULTS, **given})
 
 
 class Embedding(nn.Module):
@@ -431,19 +451,12 @@ class SNVBertNet(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
-def _read_sizes() -> dict[str, dict[str, Any]]:
-    """What makes each named size: conf/model/<size>.yaml without its defaults list."""
-    sizes = {}
-    for path in sorted(files("snvbert.conf").joinpath("model").iterdir(), key=lambda p: p.name):
-        if path.name.endswith(".yaml"):
-            node = OmegaConf.to_container(OmegaConf.create(path.read_text()))
-            node.pop("defaults", None)
-            sizes[path.name.removesuffix(".yaml")] = node
-    return sizes
-
-
-# The named sizes, as `model=<size>` composes them (conf/model/ is the one place they are written).
-SIZES: dict[str, dict[str, Any]] = _read_sizes()
+# What makes each named size, read from conf/model/<size>.yaml: the one place it is written.
+SIZES: dict[str, dict[str, Any]] = {
+    path.name.removesuffix(".yaml"): _model_yaml(path.name.removesuffix(".yaml"))
+    for path in sorted((files("snvbert.conf") / "model").iterdir(), key=lambda p: p.name)
+    if path.name.endswith(".yaml") and not path.name.startswith("_")
+}
 
 
 def build_net(size: str, **overrides: Any) -> SNVBertNet:
