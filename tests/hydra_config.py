@@ -10,6 +10,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+# The checkout's conf/, read directly (no install needed). The commands read the same folder as
+# pkg://snvbert.conf in an editable install: test_package.py checks that both compose alike.
 CONF = ROOT / "conf"
 
 
