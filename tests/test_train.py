@@ -58,8 +58,24 @@ def test_every_option_composes_and_builds(tmp_path, tiny_sim, group):
 def test_cli_lr_reaches_the_config(tmp_path, tiny_sim):
     cfg = compose_train(tmp_path, tiny_sim, "model=large", "lr=1e-4")
     assert cfg.lr == 1e-4 and cfg.model.d_model == 256 and cfg.model.n_layer == 12
-    cfg = compose_train(tmp_path, tiny_sim, "experiment=v13")
-    assert cfg.lr == 5e-5 and cfg.model.d_model == 128 and cfg.schedule.warmup_steps == 10000
+
+
+@pytest.mark.parametrize(
+    ("experiment", "size", "lr", "warmup", "gamma"),
+    [("v13", (128, 8, 4), 5e-5, 10000, 2.5), ("v14", (256, 12, 8), 1e-4, 20000, 2.0)],
+)
+def test_seed_experiments_keep_their_settings(
+    tmp_path, tiny_sim, experiment, size, lr, warmup, gamma
+):
+    """The experiments write only what differs from the defaults; this pins the seed's runs
+    against a change of those defaults."""
+    cfg = compose_train(tmp_path, tiny_sim, f"experiment={experiment}")
+    assert (cfg.model.d_model, cfg.model.n_layer, cfg.model.n_head, cfg.model.dropout) == (
+        *size,
+        0.1,
+    )
+    assert cfg.schedule._target_ == "snvbert.model.schedule.cosine"
+    assert (cfg.lr, cfg.schedule.warmup_steps, cfg.loss.focal_gamma) == (lr, warmup, gamma)
 
 
 @pytest.mark.parametrize("experiment", [[], ["experiment=accuracy"]])
