@@ -87,26 +87,46 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
+def optimized_value(
+    name: str | None, metrics: dict[str, float], trainer: L.Trainer
+) -> float | None:
+    """The value a sweep optimises: the run's best checkpoint score for ``name`` (what one would
+    impute with), else its last logged value; None when no metric is optimised.
+
+    A run that never validated (trainer.max_steps reached before the first validation) has no
+    value: NaN, with a warning, so that a short run still succeeds and a sweep records the
+    trial as failed. A name that validation did not log is a config error.
+    """
+    if not name:
+        return None
+    if name not in metrics:
+        if not any(k.startswith("val/") for k in metrics):
+            log.warning(
+                "the run never validated (it stopped at step %d), so optimized_metric '%s' has "
+                "no value and the run reports NaN; to validate, train longer or more often "
+                "(trainer.max_steps, trainer.val_check_interval, trainer.limit_train_batches)",
+                trainer.global_step,
+                name,
+            )
+            return float("nan")
+        raise SnvbertError(
+            f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}"
+        )
+    # NaN (a degenerate trial) is a float Optuna records as a failed trial.
+    checkpoint = trainer.checkpoint_callback
+    best = getattr(checkpoint, "best_model_score", None)
+    if best is not None and getattr(checkpoint, "monitor", None) == name:
+        return float(best)
+    return float(metrics[name])
+
+
 @hydra.main(version_base="1.3", config_path="pkg://snvbert.conf", config_name="train")
 @user_errors_exit
 def main(cfg: DictConfig) -> float | None:
     metrics, objects = train(cfg)
     shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}
     log.info("final metrics: %s", shown)
-    name = cfg.get("optimized_metric")
-    if not name:
-        return None
-    if name not in metrics:
-        raise SnvbertError(
-            f"optimized_metric '{name}' was not logged; logged metrics: {sorted(metrics)}"
-        )
-    # The sweep optimises the run's best checkpoint (what one would impute with), not its last
-    # epoch; NaN (a degenerate trial) is a float Optuna records as a failed trial.
-    checkpoint = objects["trainer"].checkpoint_callback
-    best = getattr(checkpoint, "best_model_score", None)
-    if best is not None and getattr(checkpoint, "monitor", None) == name:
-        return float(best)
-    return float(metrics[name])
+    return optimized_value(cfg.get("optimized_metric"), metrics, objects["trainer"])
 
 
 if __name__ == "__main__":

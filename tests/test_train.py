@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import inspect
+import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,7 @@ from hydra.utils import instantiate
 from hydra_config import compose_config
 
 from snvbert.train import build_module, train
+from snvbert.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -76,6 +80,51 @@ def test_seed_experiments_keep_their_settings(
     )
     assert cfg.schedule._target_ == "snvbert.model.schedule.cosine"
     assert (cfg.lr, cfg.schedule.warmup_steps, cfg.loss.focal_gamma) == (lr, warmup, gamma)
+
+
+def test_lightning_overrides_as_lightning_users_type_them(tmp_path, tiny_sim):
+    """Lightning's usual Trainer arguments are in conf/trainer/default.yaml with Lightning's own
+    defaults, so they override without a ``+``; the model's and the loss's keys likewise."""
+    defaults = compose_train(tmp_path, tiny_sim).trainer
+    signature = inspect.signature(L.Trainer).parameters
+    for key in ("max_steps", "val_check_interval", "accumulate_grad_batches", "limit_test_batches"):
+        assert defaults[key] == signature[key].default, key
+    cfg = compose_train(
+        tmp_path,
+        tiny_sim,
+        "model=large",
+        "lr=1e-4",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=5",
+        "trainer.accumulate_grad_batches=2",
+        "model.dropout=0.2",
+        "model.hmm_skip=false",
+        "loss.focal_gamma=1.0",
+    )
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.max_steps == 12 and trainer.accumulate_grad_batches == 2
+    assert trainer.val_check_interval == 5
+    module = build_module(cfg)
+    assert module.net.config.dropout == 0.2 and module.net.config.hmm_skip is False
+    assert module.hparams.focal_gamma == 1.0 and module.hparams.lr == 1e-4
+
+
+def test_run_too_short_to_validate_exits_0_and_warns(tmp_path, tiny_sim, caplog):
+    """``trainer.max_steps`` below the first validation: the command trains, tests, warns that
+    it never validated and returns NaN (what a sweep records as a failed trial), not exit 2."""
+    cfg = compose_train(
+        tmp_path,
+        tiny_sim,
+        "debug=default",
+        "trainer.detect_anomaly=false",
+        "trainer.max_steps=2",
+        "trainer.limit_test_batches=2",
+        "test=true",
+    )
+    with caplog.at_level(logging.WARNING, logger="snvbert.train"):
+        value = train_main(cfg)  # the command's own body, as `python -m snvbert.train ...` runs it
+    assert math.isnan(value)
+    assert "never validated" in caplog.text and "optimized_metric 'val/r2'" in caplog.text
 
 
 @pytest.mark.parametrize("experiment", [[], ["experiment=accuracy"]])
