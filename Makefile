@@ -57,6 +57,12 @@ bench-accuracy: install ## Long run: snvbert vs Beagle 5.4 vs Minimac4 on two si
 	$(PY) -m snvbert.bench.accuracy --train-minutes 30 --bootstrap 100  # tuned on: seed 1, OutOfAfrica_3G09
 	$(PY) -m snvbert.bench.accuracy --train-minutes 30 --bootstrap 100 --seed 2 --demography OutOfAfrica_2T12 --out outputs/bench/accuracy-confirm  # never tuned on
 
+.PHONY: wheel
+wheel: ## Build outputs/dist/snvbert-*.whl, configs inside (install torch first, then the wheel)
+	rm -rf build  # setuptools reuses build/lib: a module deleted since would land in the wheel
+	$(PYTHON_SYS) -m pip wheel . --no-deps -w outputs/dist
+	rm -rf build
+
 lint: install ## Ruff lint and format check
 	$(VENV)/bin/ruff check snvbert tests
 	$(VENV)/bin/ruff format --check snvbert tests
