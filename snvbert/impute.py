@@ -11,7 +11,7 @@ The steps, each of which names what it changed:
    :class:`~snvbert.data.datamodule.SNVDataModule` in every checkpoint): the panel fingerprint,
    the window geometry, the retrieval context. A panel with another fingerprint is an error:
    windows and site indices would silently mean something else.
-2. **Site matching** by CHROM:POS:REF:ALT (:func:`match_sites`). A ``chr`` prefix difference is
+2. **Site matching** by CHROM:POS:REF:ALT (:mod:`snvbert.data.sites`). A ``chr`` prefix difference is
    harmonised; REF/ALT-swapped sites are flipped (never strand-ambiguous A/T, C/G ones); sites
    whose alleles do not match are dropped; target sites absent from the panel are written
    through unchanged. Too little overlap means another build or chromosome: an error.
@@ -22,20 +22,20 @@ The steps, each of which names what it changed:
    takes the prediction of the one window whose core holds it. The Li–Stephens feature over
    the panel runs once per chunk of people over the whole chromosome's typed sites (switch
    rates from the genetic map the model was trained with, or ``genetic_map=``), not once per
-   window.
-5. **Output**: a bgzipped, tabix-indexed VCF with phased GT, DS and GP per sample and AF, DR2
-   and IMP per site, as Beagle 5 writes them; written atomically.
+   window (:class:`snvbert.hmm.ChromosomeHMM`; its mismatch rate fitted to the targets by EM).
+5. **Output** (:mod:`snvbert.data.vcf_writer`): a bgzipped, tabix-indexed VCF with phased GT, DS
+   and GP per sample and AF, DR2 and IMP per site, as Beagle 5 writes them; written atomically.
+
+This module holds the imputation steps only: batches are built by :mod:`snvbert.data.batch`,
+neighbours and HMM read-outs by :func:`snvbert.data.retrieval.retrieve`, as in training.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
-import math
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +45,17 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from snvbert.data.datamodule import assemble_batch, panel_inputs, retrieve
+from snvbert.data.batch import assemble_batch, panel_inputs
+from snvbert.data.encoding import call_code
 from snvbert.data.genetic_map import genetic_positions
-from snvbert.data.retrieval import (
-    IBS_DEFAULTS,
-    Retriever,
-    estimate_err,
-    forward_backward,
-    ibs_states,
-    switch_probabilities,
-)
-from snvbert.data.vcf import Panel, Target, load_panel, read_target
+from snvbert.data.retrieval import Retriever, retrieve
+from snvbert.data.sites import prepare_target
+from snvbert.data.vcf import Panel, load_panel
+from snvbert.data.vcf_writer import write_imputed
 from snvbert.data.windows import make_windows
 from snvbert.errors import SnvbertError
+from snvbert.hmm import HMM_MEMORY_BYTES, ChromosomeHMM, HMMConfig, IBSConfig, ibs_by_default
 from snvbert.utils.cli import user_errors_exit
-from snvbert.utils.io import write_bgzipped_vcf
 
 log = logging.getLogger("snvbert.impute")
 
@@ -67,11 +63,8 @@ IMPUTE_STREAM = 7
 """Tie-break stream of imputation; training uses 0, evaluation 1-3. Fixed: imputation is
 deterministic, the same target gives the same output on every run."""
 
-_STRAND_AMBIGUOUS = frozenset({("A", "T"), ("T", "A"), ("C", "G"), ("G", "C")})
-_MIN_OVERLAP_SITES = 5
-_MIN_OVERLAP_FRACTION = 0.01
-_FIELD = 28  # bytes of one sample column: "a|b:D.DDD:G.GGG,G.GGG,G.GGG" and a tab
-_CHUNK_ROWS = 2048  # VCF records formatted at once: bounds memory whatever the panel size
+# The retrieval settings of checkpoints written before they recorded the faiss index's.
+_OLD_RETRIEVAL = {"nlist": 64, "nprobe": 8, "hnsw_m": 32}
 
 
 # --- checkpoint ---------------------------------------------------------------------------
@@ -84,6 +77,7 @@ class TrainedModel:
     net: torch.nn.Module
     describe: dict[str, Any]
     retrieval: dict[str, Any]
+    hmm: HMMConfig | None
 
 
 def load_trained(ckpt: str | Path, device: torch.device) -> TrainedModel:
@@ -111,97 +105,12 @@ def load_trained(ckpt: str | Path, device: torch.device) -> TrainedModel:
             "lacks the retrieval settings of its training run; retrain with this snvbert version",
             path=ckpt,
         )
-    return TrainedModel(module.net, dict(describe), dict(describe["retrieval"]))
-
-
-# --- site matching ------------------------------------------------------------------------
-
-
-@dataclass
-class SiteMatch:
-    """How target sites map onto panel sites, and every adjustment made on the way."""
-
-    panel_index: np.ndarray  # (m,) panel site of each matched target site, increasing
-    target_index: np.ndarray  # (m,) the target site matched to it
-    flipped: np.ndarray  # (m,) bool: REF/ALT swapped in the target, genotypes recoded
-    passthrough: np.ndarray  # target sites absent from the panel, written through
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-def match_sites(panel: Panel, target: Target) -> SiteMatch:
-    """Match target sites to panel sites by POS:REF:ALT (chromosome already harmonised).
-
-    Positions absent from the panel are passed through; at a panel position, the same alleles
-    match, swapped alleles match flipped unless strand-ambiguous, anything else is dropped.
-    """
-    lo = np.searchsorted(panel.pos, target.pos, side="left")
-    hi = np.searchsorted(panel.pos, target.pos, side="right")
-    p_idx: list[int] = []
-    t_idx: list[int] = []
-    flips: list[bool] = []
-    passthrough: list[int] = []
-    counts = {
-        "matched": 0,
-        "flipped": 0,
-        "passthrough": 0,
-        "dropped_allele_mismatch": 0,
-        "dropped_strand_ambiguous_swap": 0,
-        "dropped_duplicate": 0,
-    }
-    used: set[int] = set()
-    for t in range(target.n_sites):
-        if lo[t] == hi[t]:
-            passthrough.append(t)
-            continue
-        r, a = str(target.ref[t]), str(target.alt[t])
-        candidates = range(int(lo[t]), int(hi[t]))
-        same = [p for p in candidates if panel.ref[p] == r and panel.alt[p] == a]
-        swapped = [p for p in candidates if panel.ref[p] == a and panel.alt[p] == r]
-        if same:
-            p, flip = same[0], False
-        elif swapped and (r, a) in _STRAND_AMBIGUOUS:
-            counts["dropped_strand_ambiguous_swap"] += 1
-            continue
-        elif swapped:
-            p, flip = swapped[0], True
-        else:
-            counts["dropped_allele_mismatch"] += 1
-            continue
-        if p in used:
-            counts["dropped_duplicate"] += 1
-            continue
-        used.add(p)
-        p_idx.append(p)
-        t_idx.append(t)
-        flips.append(flip)
-    order = np.argsort(np.asarray(p_idx, dtype=np.int64), kind="stable")
-    counts["matched"] = len(p_idx)
-    counts["flipped"] = int(sum(flips))
-    counts["passthrough"] = len(passthrough)
-    return SiteMatch(
-        panel_index=np.asarray(p_idx, dtype=np.int64)[order],
-        target_index=np.asarray(t_idx, dtype=np.int64)[order],
-        flipped=np.asarray(flips, dtype=bool)[order],
-        passthrough=np.asarray(passthrough, dtype=np.int64),
-        counts=counts,
-    )
-
-
-def _check_phased(target: Target, panel_path: Path) -> None:
-    """Every heterozygous call must be phased: the model reads one haplotype at a time."""
-    g = target.genotypes.reshape(target.n_sites, target.n_samples, 2)
-    het = (g[:, :, 0] >= 0) & (g[:, :, 1] >= 0) & (g[:, :, 0] != g[:, :, 1])
-    bad = het & ~target.phased
-    if not bad.any():
-        return
-    site, sample = np.argwhere(bad)[0]
-    n_bad = int(bad.sum())
-    raise SnvbertError(
-        f"has {n_bad:,} unphased heterozygous genotypes (first: sample {target.samples[sample]}); "
-        f"snvbert imputes phased haplotypes: phase it first, e.g. `beagle gt={target.source} "
-        f"ref={panel_path} impute=false out=phased`, then pass target=phased.vcf.gz",
-        path=target.source,
-        record=f"{target.chrom}:{target.pos[site]}",
+    hmm = describe.get("hmm")
+    return TrainedModel(
+        module.net,
+        dict(describe),
+        {**_OLD_RETRIEVAL, **describe["retrieval"]},
+        None if hmm is None else HMMConfig.from_checkpoint(hmm),
     )
 
 
@@ -244,7 +153,7 @@ def predict(
     batch_size: int,
     morgans: np.ndarray | None = None,
     hmm_err: float | None = None,
-    hmm_ibs: dict[str, Any] | None | str = "train",
+    hmm_ibs: IBSConfig | None | str = "train",
     device: torch.device,
     autocast: torch.dtype | None,
     progress: bool = True,
@@ -257,15 +166,15 @@ def predict(
     index when the target is also a panel person (so it never retrieves itself), else negative.
     morgans (n_sites,) the panel sites' genetic positions (None: a constant 1 cM/Mb).
     hmm_err the HMM's mismatch rate (None: the one the model was trained with). hmm_ibs the
-    panel-state HMM's IBS state selection (:func:`ibs_states` keyword arguments; None: every
-    reference haplotype is a state; "train": as the model was trained).
+    panel-state HMM's IBS state selection (None: every reference haplotype is a state;
+    "train": as the model was trained).
     """
     describe = model.describe
     length = int(describe["window"]["length"])
     windows = make_windows(
         panel.pos, length, int(describe["window"]["overlap"]), int(describe["context_bp"])
     )
-    seed = int(describe.get("seed", 1))
+    seed = int(describe["seed"])
     retrieval = {key: v for key, v in model.retrieval.items() if key != "k"}
     retriever = Retriever(k=k, **retrieval)
     ref_persons = np.asarray(ref_persons, dtype=np.int64)
@@ -273,19 +182,26 @@ def predict(
     n_targets = len(query_persons)
     probs = np.full((panel.n_sites, 2 * n_targets), np.nan, dtype=np.float32)
     chunks = [np.arange(i, min(i + batch_size, n_targets)) for i in range(0, n_targets, batch_size)]
-    hmm = describe.get("hmm")
+    hmm = model.hmm
     if hmm is not None and hmm_err is not None:
-        hmm = {**hmm, "err": float(hmm_err)}
+        hmm = replace(hmm, err=float(hmm_err))
     if hmm is not None and hmm_ibs != "train":
-        hmm = {key: v for key, v in hmm.items() if key != "ibs"}
-        hmm |= {} if hmm_ibs is None else {"ibs": hmm_ibs}
-    whole = _whole_chromosome_hmm(hmm, typed_sites, len(ref_haps), batch_size)
-    if hmm is not None and hmm.get("states") == "panel" and not whole:
-        log.info("the chromosome-wide HMM would not fit in memory: the HMM runs per window")
-    if whole:
-        morgans = genetic_positions(panel.pos, None) if morgans is None else morgans
-        ref_typed, switch = _typed_states(panel, typed_sites, ref_haps, morgans, hmm, device)
-        typed_morgan = torch.from_numpy(morgans[typed_sites]).to(device)
+        hmm = replace(hmm, ibs=hmm_ibs)
+    morgans = genetic_positions(panel.pos, None) if morgans is None else morgans
+    chromosome = None  # the panel-state HMM over the typed sites of the whole chromosome
+    if hmm is not None and hmm.states == "panel" and len(typed_sites):
+        if ChromosomeHMM.fits(len(typed_sites), len(ref_haps), 2 * batch_size, HMM_MEMORY_BYTES):
+            chromosome = ChromosomeHMM.from_panel(
+                panel.haplotypes,
+                typed_sites,
+                ref_haps,
+                morgans,
+                ne=hmm.ne,
+                ibs=hmm.ibs,
+                device=device,
+            )
+        else:
+            log.info("the chromosome-wide HMM would not fit in memory: the HMM runs per window")
 
     bar = tqdm(
         total=len(windows) * len(chunks),
@@ -301,14 +217,10 @@ def predict(
         haps = np.where(persons >= 0, 2 * persons + np.tile([0, 1], len(people)), -1 - rows)
         calls_all = typed_alleles[:, rows]  # (m, B) 0/1, -1 missing
         post_all = None
-        if whole:
-            q = hmm_query(calls_all).to(device)
+        if chromosome is not None:
+            q = torch.from_numpy(call_code(calls_all)).to(device)
             allowed = _allowed_states(persons, ref_persons).to(device)
-            if hmm.get("ibs") is not None:
-                allowed = ibs_states(q, ref_typed, typed_morgan, allowed, **hmm["ibs"])
-            post_all = forward_backward(
-                ref_typed, q, allowed, switch, float(hmm["err"])
-            )  # (B, N, m)
+            post_all = chromosome.posteriors(q, allowed, float(hmm.err))  # (B, N, m)
         for window in windows:
             c0, c1 = window.ctx_start, window.ctx_end
             ctx_rows = np.asarray(panel.haplotypes[c0:c1])  # (C, n_panel_haps)
@@ -354,33 +266,6 @@ def predict(
     return probs
 
 
-# Largest chromosome-wide HMM forward pass kept in memory (float32), per chunk of people.
-HMM_MEMORY_BYTES = 3 * 1024**3
-
-
-def _typed_states(
-    panel: Panel,
-    typed_sites: np.ndarray,
-    ref_haps: np.ndarray,
-    morgans: np.ndarray,
-    hmm: dict[str, Any],
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The HMM's states at the typed sites: (m, N) +-1 reference alleles, and (m,) switch rates."""
-    ref_typed = torch.from_numpy(
-        2 * np.asarray(panel.haplotypes[typed_sites])[:, ref_haps].astype(np.int8) - 1
-    ).to(device)
-    switch = switch_probabilities(
-        torch.from_numpy(morgans[typed_sites]), float(hmm["ne"]), len(ref_haps)
-    ).to(device)
-    return ref_typed, switch
-
-
-def hmm_query(calls: np.ndarray) -> torch.Tensor:
-    """Calls (m, B) 0/1, -1 missing, as the HMM's query: int8 +-1, 0 where missing."""
-    return torch.from_numpy(np.where(calls < 0, 0, 2 * calls.astype(np.int8) - 1).astype(np.int8))
-
-
 def _allowed_states(persons: np.ndarray, ref_persons: np.ndarray) -> torch.Tensor:
     """(B, N) bool: which reference haplotypes each query may copy (never its own person's)."""
     return torch.from_numpy(persons[:, None] != np.repeat(ref_persons, 2)[None, :])
@@ -401,7 +286,8 @@ def fit_hmm_err(
     morgans: np.ndarray,
     device: torch.device,
 ) -> float | None:
-    """The HMM mismatch rate these targets call for (EM, :func:`estimate_err`); None without HMM.
+    """The HMM mismatch rate these targets call for (EM, :meth:`ChromosomeHMM.fit_err`); None
+    without HMM.
 
     Genotyping errors and phase switches raise it, an error-free array lowers it towards Li and
     Stephens' value; a fixed rate is right for one kind of array only (on the 5 Mb scenario the
@@ -410,189 +296,25 @@ def fit_hmm_err(
     (the middle ones) and ERR_FIT_HAPS target haplotypes are used, the HMM over the reference
     haplotypes.
     """
-    hmm = model.describe.get("hmm")
-    if hmm is None or len(typed_sites) < 2:
+    if model.hmm is None or len(typed_sites) < 2:
         return None
     m = len(typed_sites)
     lo = max(0, (m - ERR_FIT_SITES) // 2)
     sites = slice(lo, lo + ERR_FIT_SITES)
     ref_haps = np.stack([2 * ref_persons, 2 * ref_persons + 1], 1).ravel()
-    ref_typed, switch = _typed_states(panel, typed_sites[sites], ref_haps, morgans, hmm, device)
-    calls = typed_alleles[sites, :ERR_FIT_HAPS]
+    hmm = ChromosomeHMM.from_panel(
+        panel.haplotypes,
+        typed_sites[sites],
+        ref_haps,
+        morgans,
+        ne=model.hmm.ne,
+        ibs=None,
+        device=device,
+    )
+    q = torch.from_numpy(call_code(typed_alleles[sites, :ERR_FIT_HAPS])).to(device)
     persons = np.repeat(query_persons, 2)[:ERR_FIT_HAPS]
-    q, allowed = hmm_query(calls).to(device), _allowed_states(persons, ref_persons).to(device)
-    # per query: the forward pass (4 bytes a state and site), the posterior product and mask
-    batch = max(1, HMM_MEMORY_BYTES // max(1, ref_typed.numel() * 12))
-    return estimate_err(ref_typed, q, allowed, switch, start=float(hmm["err"]), batch=batch)
-
-
-def _whole_chromosome_hmm(
-    hmm: dict[str, Any] | None, typed_sites: np.ndarray, n_states: int, batch_size: int
-) -> bool:
-    """Whether imputation runs the panel-state HMM once per chromosome (else once per window).
-
-    Once per chromosome is exact where training's per-window HMM is an approximation (its
-    context is the window's, not the chromosome's) and costs one pass instead of one per
-    window; it keeps (typed sites x 2 x batch_size x reference haplotypes) floats in memory.
-    """
-    if hmm is None or hmm.get("states") != "panel" or len(typed_sites) == 0:
-        return False
-    return len(typed_sites) * 2 * batch_size * n_states * 4 <= HMM_MEMORY_BYTES
-
-
-# --- VCF output -------------------------------------------------------------------------------
-
-
-def _digits(thousandths: np.ndarray) -> np.ndarray:
-    """'d.ddd' as ASCII bytes (..., 5) for integers 0..9999 (thousandths)."""
-    v = thousandths.astype(np.int64)
-    out = np.stack([v // 1000 % 10, np.zeros_like(v), v // 100 % 10, v // 10 % 10, v % 10], -1)
-    out = (out + ord("0")).astype(np.uint8)
-    out[..., 1] = ord(".")
-    return out
-
-
-def format_samples(p: np.ndarray) -> np.ndarray:
-    """Sample columns for complete rows: uint8 (rows, n_samples, 28) of fixed-width text.
-
-    p (rows, 2 * n_samples) P(ALT) per haplotype. Every field has a fixed width (GT 3, DS 5,
-    GP 17 characters), so the whole block is filled with numpy, no per-genotype formatting: 40k
-    sites x 100 people take well under a second. The last byte of a row is a newline.
-    """
-    rows, n = p.shape[0], p.shape[1] // 2
-    p1, p2 = p[:, 0::2].astype(np.float64), p[:, 1::2].astype(np.float64)
-    g0, g1, g2 = (1 - p1) * (1 - p2), p1 * (1 - p2) + (1 - p1) * p2, p1 * p2
-    buf = np.empty((rows, n, _FIELD), dtype=np.uint8)
-    buf[..., 0] = np.where(p1 > 0.5, ord("1"), ord("0"))
-    buf[..., 1] = ord("|")
-    buf[..., 2] = np.where(p2 > 0.5, ord("1"), ord("0"))
-    buf[..., 3] = ord(":")
-    buf[..., 4:9] = _digits(np.rint((p1 + p2) * 1000))
-    buf[..., 9] = ord(":")
-    buf[..., 10:15] = _digits(np.rint(g0 * 1000))
-    buf[..., 15] = ord(",")
-    buf[..., 16:21] = _digits(np.rint(g1 * 1000))
-    buf[..., 21] = ord(",")
-    buf[..., 22:27] = _digits(np.rint(g2 * 1000))
-    buf[..., 27] = ord("\t")
-    buf[:, -1, 27] = ord("\n")
-    return buf
-
-
-def _format_missing_row(p: np.ndarray) -> str:
-    """Sample columns of a pass-through row with missing calls (NaN): rare, so plain Python."""
-    fields = []
-    for a, b in zip(p[0::2], p[1::2], strict=True):
-        if np.isnan(a) or np.isnan(b):
-            fields.append("./.:.:.")
-            continue
-        g = ((1 - a) * (1 - b), a * (1 - b) + (1 - a) * b, a * b)
-        fields.append(f"{int(a)}|{int(b)}:{a + b:.3f}:{g[0]:.3f},{g[1]:.3f},{g[2]:.3f}")
-    return "\t".join(fields) + "\n"
-
-
-def dosage_r2(p: np.ndarray) -> np.ndarray:
-    """Beagle 5's DR2 per row, from haplotype ALT probabilities p (rows, 2 * n_samples).
-
-    The estimated squared correlation of estimated and true ALT dose: the variance of the
-    dosages over the variance the true dose has under the same posteriors,
-    [sum DS^2 - (sum DS)^2 / n] / [sum E(X^2) - (sum DS)^2 / n], with E(X^2) = P(het) + 4 P(hom
-    alt); 0 for a monomorphic site (Beagle's R2Estimator.doseR2).
-    """
-    p1, p2 = p[:, 0::2].astype(np.float64), p[:, 1::2].astype(np.float64)
-    n = p1.shape[1]
-    ds = p1 + p2
-    ex2 = p1 * (1 - p2) + (1 - p1) * p2 + 4 * p1 * p2
-    mean_term = ds.sum(1) ** 2 / n
-    num = np.maximum((ds * ds).sum(1) - mean_term, 0.0)
-    den = ex2.sum(1) - mean_term
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den < 1e-8, 0.0, num / den)
-
-
-@dataclass
-class _Records:
-    """The output rows in position order: panel sites (imputed or typed) and pass-through ones."""
-
-    chrom: str
-    pos: np.ndarray
-    ref: np.ndarray
-    alt: np.ndarray
-    probs: np.ndarray  # (rows, 2n) float32, NaN = missing (pass-through only)
-    imputed: np.ndarray  # bool (rows,)
-    passthrough: np.ndarray  # bool (rows,)
-
-
-def _vcf_lines(records: _Records, header: list[str]) -> Iterator[str]:
-    """Header, then records in chunks of text (one string per chunk)."""
-    yield "\n".join(header) + "\n"
-    p_all = records.probs
-    for start in range(0, len(records.pos), _CHUNK_ROWS):
-        stop = min(start + _CHUNK_ROWS, len(records.pos))
-        p = p_all[start:stop]
-        complete = ~np.isnan(p).any(1)
-        block = format_samples(np.where(np.isnan(p), 0.0, p))
-        ds = p[:, 0::2].astype(np.float64) + p[:, 1::2]
-        af = np.nanmean(ds, axis=1) / 2 if p.shape[1] else np.zeros(len(p))
-        dr2 = dosage_r2(np.where(np.isnan(p), 0.0, p))
-        parts: list[str] = []
-        for i in range(stop - start):
-            row = start + i
-            info = f"AF={_fmt_af(af[i])}"
-            if not records.passthrough[row]:
-                info += f";DR2={dr2[i]:.2f}"
-            if records.imputed[row]:
-                info += ";IMP"
-            parts.append(
-                f"{records.chrom}\t{records.pos[row]}\t.\t{records.ref[row]}\t{records.alt[row]}"
-                f"\t.\tPASS\t{info}\tGT:DS:GP\t"
-            )
-            if complete[i]:
-                parts.append(block[i].tobytes().decode("ascii"))
-            else:
-                parts.append(_format_missing_row(p[i]))
-        yield "".join(parts)
-
-
-def _fmt_af(x: float) -> str:
-    return "." if not math.isfinite(x) else f"{x:.4g}"
-
-
-def _contig_length(panel_path: Path, chrom: str) -> int | None:
-    """The contig's length from the panel header, when it declares one."""
-    from cyvcf2 import VCF
-
-    vcf = VCF(str(panel_path), lazy=True)
-    try:
-        lengths = dict(zip(vcf.seqnames, vcf.seqlens, strict=False))
-    except Exception:  # cyvcf2 raises when the header has no contig lengths
-        return None
-    finally:
-        vcf.close()
-    value = lengths.get(chrom)
-    return int(value) if value else None
-
-
-def _header(chrom: str, length: int | None, samples: list[str], command: str) -> list[str]:
-    from snvbert import __version__
-
-    contig = f"##contig=<ID={chrom}" + (f",length={length}>" if length else ">")
-    return [
-        "##fileformat=VCFv4.2",
-        f"##filedate={datetime.date.today():%Y%m%d}",
-        f"##source=snvbert {__version__}",
-        f"##snvbertCommand={command}",
-        '##FILTER=<ID=PASS,Description="All filters passed">',
-        contig,
-        '##INFO=<ID=AF,Number=A,Type=Float,Description="Estimated ALT allele frequency (mean dosage / 2)">',
-        '##INFO=<ID=DR2,Number=A,Type=Float,Description="Dosage R-squared: estimated squared '
-        'correlation between estimated and true ALT dose (Beagle 5 definition)">',
-        '##INFO=<ID=IMP,Number=0,Type=Flag,Description="Imputed marker">',
-        '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">',
-        '##FORMAT=<ID=DS,Number=A,Type=Float,Description="Estimated ALT dose [P(RA) + 2*P(AA)]">',
-        '##FORMAT=<ID=GP,Number=G,Type=Float,Description="Estimated genotype probability">',
-        "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\t" + "\t".join(samples),
-    ]
+    allowed = _allowed_states(persons, ref_persons).to(device)
+    return hmm.fit_err(q, allowed, start=float(model.hmm.err), memory_bytes=HMM_MEMORY_BYTES)
 
 
 # --- the whole job ----------------------------------------------------------------------------
@@ -613,25 +335,18 @@ def _resolve_hmm_err(value: str | float | None) -> str | float | None:
     return rate
 
 
-# Beagle's imp-states: with more reference haplotypes than this, its IBS selection chooses the
-# states. Measured: the IBS states beat every haplotype as states with 2,000 of them (both 5 Mb
-# scenarios, every MAF bin) and lose with 600 (the demo panel: 0.904 against 0.909 overall;
-# Beagle too is better there with every haplotype a state, 0.914 against 0.913).
-IBS_MIN_HAPS = 1600
-
-
 def _resolve_hmm_states(
-    value: str, trained: dict[str, Any] | None, n_ref_haps: int
-) -> dict[str, Any] | None | str:
-    """impute's hmm_states as predict's hmm_ibs: ibs_states keyword arguments, None or "train".
+    value: str, trained: IBSConfig | None, n_ref_haps: int
+) -> IBSConfig | None | str:
+    """impute's hmm_states as predict's hmm_ibs: an IBSConfig, None or "train".
 
     ``ibs``: the haplotypes Beagle's IBS selection keeps (the checkpoint's data.hmm.ibs, else
     Beagle's defaults); ``panel``: every reference haplotype; ``train``: as in training;
     ``auto``: ``ibs`` with more than IBS_MIN_HAPS reference haplotypes, else ``panel``.
     """
     if value == "auto":
-        value = "ibs" if n_ref_haps > IBS_MIN_HAPS else "panel"
-    return {"ibs": trained or dict(IBS_DEFAULTS), "panel": None, "train": "train"}[value]
+        value = "ibs" if ibs_by_default(n_ref_haps) else "panel"
+    return {"ibs": trained or IBSConfig(), "panel": None, "train": "train"}[value]
 
 
 def impute(
@@ -675,7 +390,7 @@ def impute(
     autocast = _autocast_dtype(str(precision), dev)
     model = load_trained(ckpt, dev)
     describe = model.describe
-    trained_ibs = (describe.get("hmm") or {}).get("ibs")
+    trained_ibs = None if model.hmm is None else model.hmm.ibs
 
     pan = load_panel(panel_path, cache_dir=cache_dir, progress=progress)
     if pan.fingerprint != describe["panel_fingerprint"]:
@@ -708,7 +423,7 @@ def impute(
     af_people = np.setdiff1d(ref_persons, query_persons[query_persons >= 0])
     ibs = _resolve_hmm_states(hmm_states, trained_ibs, 2 * len(ref_persons))
     af = pan.alt_freq(af_people)
-    k_used = int(k if k is not None else model.retrieval.get("k", 128))
+    k_used = int(k if k is not None else model.retrieval["k"])
     gmap = genetic_map if genetic_map is not None else describe.get("genetic_map")
     if gmap is not None and not Path(gmap).exists():
         raise SnvbertError(
@@ -757,8 +472,8 @@ def impute(
         "reference_people": int(len(ref_persons)),
         "k": k_used,
         "genetic_map": None if gmap is None else str(gmap),
-        "hmm_err": err if err is not None else (describe.get("hmm") or {}).get("err"),
-        "hmm_ibs": trained_ibs if ibs == "train" else ibs,
+        "hmm_err": err if err is not None else (None if model.hmm is None else model.hmm.err),
+        "hmm_ibs": _plain(trained_ibs if ibs == "train" else ibs),
         "sites": {
             "written": n_written,
             "imputed": pan.n_sites - n_matched,
@@ -772,80 +487,8 @@ def impute(
     return summary
 
 
-def prepare_target(
-    pan: Panel, target_path: Path, panel_path: Path
-) -> tuple[Target, SiteMatch, np.ndarray]:
-    """Read, check and match a target: (target, site match, alleles at matched panel sites).
-
-    The alleles (m, 2n) int8 are recoded where REF/ALT were swapped; -1 = missing call.
-    """
-    try:
-        tgt = read_target(target_path, chrom=pan.chrom)
-    except SnvbertError as err:
-        if "has no records on chromosome" in str(err):
-            raise SnvbertError(
-                f"target {target_path} and panel {panel_path} share no chromosome ({err}); "
-                "impute each chromosome against its own panel"
-            ) from err
-        raise
-    _check_phased(tgt, panel_path)
-    match = match_sites(pan, tgt)
-    n_matched = len(match.panel_index)
-    if n_matched < _MIN_OVERLAP_SITES or n_matched < _MIN_OVERLAP_FRACTION * tgt.n_sites:
-        raise SnvbertError(
-            f"target {target_path} and panel {panel_path} share only {n_matched} of the target's "
-            f"{tgt.n_sites:,} sites (by CHROM:POS:REF:ALT); they are probably on different genome "
-            "builds or chromosomes: lift the target over to the panel's build (e.g. bcftools "
-            "+liftover or Picard LiftoverVcf)"
-        )
-    calls = tgt.genotypes[match.target_index]  # (m, 2n)
-    calls = np.where(match.flipped[:, None] & (calls >= 0), 1 - calls, calls).astype(np.int8)
-    return tgt, match, calls
-
-
-def write_imputed(
-    out: Path,
-    pan: Panel,
-    tgt: Target,
-    match: SiteMatch,
-    calls: np.ndarray,
-    probs: np.ndarray,
-    panel_path: Path,
-    command: str,
-) -> int:
-    """Write the output VCF: typed calls as given, predictions elsewhere; returns its records.
-
-    ``probs`` (n_panel_sites, 2n) P(ALT) is overwritten at typed, non-missing calls.
-    """
-    typed = calls >= 0
-    probs[match.panel_index] = np.where(typed, calls, probs[match.panel_index])
-    imputed = np.ones(pan.n_sites, dtype=bool)
-    imputed[match.panel_index] = False
-    records = _merge_passthrough(pan, tgt, match, probs, imputed)
-    header = _header(pan.chrom, _contig_length(panel_path, pan.chrom), tgt.samples, command)
-    write_bgzipped_vcf(_vcf_lines(records, header), out)
-    return len(records.pos)
-
-
-def _merge_passthrough(
-    pan: Panel, tgt: Target, match: SiteMatch, probs: np.ndarray, imputed: np.ndarray
-) -> _Records:
-    """Panel rows plus target-only rows, ordered by position."""
-    pt = match.passthrough
-    pt_calls = tgt.genotypes[pt].astype(np.float32)
-    pt_calls[pt_calls < 0] = np.nan
-    pos = np.concatenate([pan.pos, tgt.pos[pt]])
-    order = np.argsort(pos, kind="stable")
-    n_pt = len(pt)
-    return _Records(
-        chrom=pan.chrom,
-        pos=pos[order],
-        ref=np.concatenate([pan.ref, tgt.ref[pt]])[order],
-        alt=np.concatenate([pan.alt, tgt.alt[pt]])[order],
-        probs=np.concatenate([probs, pt_calls])[order] if n_pt else probs,
-        imputed=np.concatenate([imputed, np.zeros(n_pt, dtype=bool)])[order],
-        passthrough=np.concatenate([np.zeros(pan.n_sites, dtype=bool), np.ones(n_pt, bool)])[order],
-    )
+def _plain(ibs: IBSConfig | None) -> dict[str, Any] | None:
+    return None if ibs is None else asdict(ibs)
 
 
 def _api_command(ckpt: Path | str, panel: Path, target: Path, out: Path) -> str:

@@ -12,9 +12,9 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from snvbert.config import build
 from snvbert.errors import SnvbertError
 from snvbert.model.module import SNVBertModule
 from snvbert.utils.cli import user_errors_exit
@@ -38,7 +38,7 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [
-        instantiate(node)
+        build(node)
         for node in cfg.values()
         if isinstance(node, DictConfig) and "_target_" in node
     ]
@@ -47,9 +47,9 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
 def build_module(cfg: DictConfig) -> SNVBertModule:
     """The LightningModule from the composed config: net size, optimizer, schedule, lr, loss."""
     return SNVBertModule(
-        net=instantiate(cfg.model),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.schedule),
+        net=build(cfg.model),
+        optimizer=build(cfg.optimizer),
+        scheduler=build(cfg.schedule),
         lr=float(cfg.lr),
         focal_gamma=float(cfg.loss.focal_gamma),
         focal_alpha=cfg.loss.focal_alpha,
@@ -60,10 +60,10 @@ def build_module(cfg: DictConfig) -> SNVBertModule:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (and optionally test) a model; return the final metrics and the built objects."""
     L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     if cfg.model.hmm_skip and datamodule.hmm is None:
         raise SnvbertError(
-            "model.hmm_skip=true adds the HMM's P(ALT) to the output, but data.hmm.enabled=false: "
+            "model.hmm_skip=true adds the HMM's P(ALT) to the output, but data.hmm=null: "
             "enable the HMM or set model.hmm_skip=false"
         )
     # Read the data before building the trainer: bad input fails fast, in one line.
@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     module = build_module(cfg)
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     run_config = {k: v for k, v in cfg.items() if k != "hydra"}  # composed configs may carry it
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(OmegaConf.create(run_config), resolve=True))

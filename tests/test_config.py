@@ -216,21 +216,8 @@ def default_choices() -> dict[str, str]:
     return {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
 
 
-# Repeats outside this change's files, for their owner to drop (strict: the mark must go then).
-REPEATS_DEFAULTS = {"accuracy": "model=small and data.batch_size=8 are the defaults"}
-
-
 @pytest.mark.parametrize(
-    "experiment",
-    [
-        pytest.param(
-            p.stem,
-            marks=[pytest.mark.xfail(reason=REPEATS_DEFAULTS[p.stem], strict=True)]
-            if p.stem in REPEATS_DEFAULTS
-            else [],
-        )
-        for p in sorted((CONF / "experiment").glob("*.yaml"))
-    ],
+    "experiment", [p.stem for p in sorted((CONF / "experiment").glob("*.yaml"))]
 )
 def test_experiments_state_only_what_differs(experiment: str) -> None:
     """An experiment that repeats a default (a value, or a group's default option) would keep

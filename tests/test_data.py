@@ -10,13 +10,24 @@ import pytest
 import torch
 
 from snvbert.callbacks import MaskEpochs
+from snvbert.config import datamodule, retriever
 from snvbert.data import masks as M
 from snvbert.data.curriculum import Curriculum
-from snvbert.data.datamodule import SNVDataModule, WindowBatchSampler, retrieve
-from snvbert.data.retrieval import Retriever, neighbour_features
+from snvbert.data.datamodule import SNVDataModule, WindowBatchSampler
+from snvbert.data.retrieval import neighbour_features, retrieve
 from snvbert.data.windows import make_windows, split_people
 
 LEVELS = [{"strategy": "random", "rate": 0.3}, {"strategy": "array", "spacing_bp": 5000}]
+# data.hmm in full, per-window over every panel haplotype: the tests below change one key at a time
+HMM = {
+    "ne": 150000,
+    "err": 1e-3,
+    "err_max": None,
+    "states": "panel",
+    "select": "score",
+    "ibs": None,
+    "scope": "context",
+}
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +36,7 @@ def cache_dir(tmp_path_factory):
 
 
 def make_dm(tiny_sim, cache_dir, **overrides) -> SNVDataModule:
+    """conf/data/default.yaml with these keys changed (mappings merge key by key)."""
     kw = dict(
         panel=str(tiny_sim / "panel.vcf.gz"),
         cache_dir=str(cache_dir),
@@ -36,7 +48,7 @@ def make_dm(tiny_sim, cache_dir, **overrides) -> SNVDataModule:
         retrieval={"k": 16},
     )
     kw.update(overrides)
-    dm = SNVDataModule(**kw)
+    dm = datamodule(**kw)
     dm.setup()
     return dm
 
@@ -296,7 +308,7 @@ def test_retrieval_equals_brute_force_masked_hamming(engine):
     exclude = np.zeros((12, 300), dtype=bool)
     exclude[np.arange(12), np.arange(12)] = True
     jitter = torch.from_numpy(rng.random(300).astype(np.float32) * 0.5)
-    scores, idx, valid = Retriever(k=25, engine=engine).search(
+    scores, idx, valid = retriever(k=25, engine=engine).search(
         torch.from_numpy(query).float(),
         torch.from_numpy(panel).float(),
         jitter,
@@ -318,9 +330,9 @@ def test_approximate_indexes_find_most_neighbours():
     query = torch.from_numpy(panel[:20].copy())
     query[:, ::2] = 0
     jitter = torch.zeros(500)
-    exact = Retriever(k=10).search(query, torch.from_numpy(panel), jitter)[1]
+    exact = retriever(k=10).search(query, torch.from_numpy(panel), jitter)[1]
     for index in ("ivf", "hnsw"):
-        approx = Retriever(k=10, engine="faiss", index=index, nlist=8, nprobe=8).search(
+        approx = retriever(k=10, engine="faiss", index=index, nlist=8, nprobe=8).search(
             query, torch.from_numpy(panel), jitter
         )[1]
         recall = np.mean(
@@ -336,14 +348,14 @@ def test_ties_are_broken_by_seed_not_panel_index():
     panel = torch.ones(200, 30)  # all identical: every panel haplotype ties
     query = torch.ones(1, 30)
     picks = []
-    from snvbert.data.retrieval import tie_jitter
+    from snvbert.data.masks import tie_jitter
 
     for window in range(20):
         jitter = torch.from_numpy(tie_jitter(200, seed=1, stream=0, epoch=0, window=window))
-        picks += Retriever(k=10).search(query, panel, jitter)[1][0].tolist()
+        picks += retriever(k=10).search(query, panel, jitter)[1][0].tolist()
     assert 60 < np.mean(picks) < 140  # index order would give a mean of 4.5
     again = torch.from_numpy(tie_jitter(200, seed=1, stream=0, epoch=0, window=0))
-    assert Retriever(k=10).search(query, panel, again)[1][0].tolist() == picks[:10]
+    assert retriever(k=10).search(query, panel, again)[1][0].tolist() == picks[:10]
 
 
 def test_neighbour_runs_on_a_planted_pattern():
@@ -425,165 +437,6 @@ def test_training_af_leaves_the_query_person_out(tiny_sim, cache_dir):
     assert np.allclose(val["af"][0, : len(sites)].numpy(), dm.af[sites], atol=1e-6)
 
 
-def test_copying_posteriors_match_the_reference_hmm():
-    """The batched torch HMM over neighbours equals snvbert.hmm's numpy forward-backward."""
-    from snvbert.data.retrieval import copying_posteriors
-    from snvbert.hmm import posteriors
-
-    rng = np.random.default_rng(3)
-    n_panel, n_ctx, k = 40, 60, 12
-    panel = rng.choice(np.array([-1, 1], dtype=np.int8), size=(n_panel, n_ctx))
-    first, second = np.array([3, 5]), np.array([17, 21])
-    truth = panel[first].copy()
-    truth[:, 30:] = panel[second][:, 30:]  # each query switches source in the middle
-    typed = np.zeros(n_ctx, dtype=bool)
-    typed[::3] = True
-    query = np.where(typed, truth, 0).astype(np.int8)
-    pos = np.cumsum(rng.integers(500, 3000, n_ctx))
-    others = [
-        np.setdiff1d(rng.permutation(n_panel), [f, s])[: k - 2]
-        for f, s in zip(first, second, strict=True)
-    ]
-    idx = torch.from_numpy(
-        np.stack(
-            [
-                np.r_[o[:4], f, o[4:8], s, o[8:]]
-                for o, f, s in zip(others, first, second, strict=True)
-            ]
-        )
-    )
-    valid = torch.ones(2, k, dtype=torch.bool)
-    post = copying_posteriors(
-        torch.from_numpy(query),
-        torch.from_numpy(panel),
-        idx,
-        valid,
-        torch.from_numpy(pos * 1e-8),
-        0,
-        n_ctx,
-        n_ctx,
-        n_panel=n_panel,
-        ne=20_000.0,
-        err=0.01,
-        states="neighbours",
-    )  # (2, K, n_ctx)
-    assert torch.allclose(post.sum(1), torch.ones(2, n_ctx), atol=1e-5)
-    cols = np.flatnonzero(typed)
-    d = np.diff(pos[cols] * 1e-8, prepend=pos[cols][0] * 1e-8)
-    switch = (1 - np.exp(-4 * 20_000.0 * d / n_panel)).astype(np.float32)
-    for row in range(2):
-        ref = ((panel[idx[row].numpy()][:, cols] + 1) // 2).T  # (m, K)
-        obs = ((query[row, cols] + 1) // 2)[:, None]
-        expected = posteriors(obs, ref, switch, 0.01)[:, 0, :]  # (m, K)
-        assert np.allclose(post[row][:, cols].T.numpy(), expected, atol=1e-4)
-    # the posterior follows the planted mosaic: the first source early, the second late
-    for row in range(2):
-        assert idx[row, post[row, :, 2].argmax()].item() == first[row]
-        assert idx[row, post[row, :, 57].argmax()].item() == second[row]
-
-
-def test_panel_state_posteriors_match_the_full_reference_hmm():
-    """states='panel': the HMM over every allowed panel haplotype, read at the neighbours.
-
-    Equals snvbert.hmm's forward-backward over the allowed haplotypes (a genetic map with a
-    hotspot, so switch rates vary), at typed columns and, interpolated in genetic position,
-    between them; an excluded haplotype (the query's own) gets no posterior mass. The HMM's
-    P(ALT) over every panel state (``panel_dosage``) is that posterior summed over ALT carriers.
-    """
-    from snvbert.data.retrieval import copying_posteriors, panel_dosage, panel_posteriors
-    from snvbert.hmm import posteriors
-
-    rng = np.random.default_rng(5)
-    n_panel, n_ctx, k = 30, 50, 8
-    panel = rng.choice(np.array([-1, 1], dtype=np.int8), size=(n_panel, n_ctx))
-    truth = panel[[4, 9]].copy()
-    truth[:, 25:] = panel[[11, 2]][:, 25:]
-    typed = np.zeros(n_ctx, dtype=bool)
-    typed[::4] = True
-    query = np.where(typed, truth, 0).astype(np.int8)
-    pos = np.cumsum(rng.integers(500, 3000, n_ctx))
-    morgan = pos * 1e-8
-    morgan[24:] += 0.002  # a 0.2 cM hotspot between columns 23 and 24
-    allowed = np.ones((2, n_panel), dtype=bool)
-    allowed[0, 0] = allowed[1, [0, 1]] = False  # each query's own haplotypes
-    idx = torch.from_numpy(np.stack([rng.permutation(np.arange(1, n_panel))[:k] for _ in range(2)]))
-    valid = torch.ones(2, k, dtype=torch.bool)
-    post = copying_posteriors(
-        torch.from_numpy(query),
-        torch.from_numpy(panel),
-        idx,
-        valid,
-        torch.from_numpy(morgan),
-        0,
-        n_ctx,
-        n_ctx,
-        n_panel=n_panel,
-        ne=50_000.0,
-        err=0.01,
-        states="panel",
-        allowed=torch.from_numpy(allowed),
-    )  # (2, K, n_ctx)
-    cols = np.flatnonzero(typed)
-    t_cols = torch.from_numpy(cols)
-    args = (torch.from_numpy(query), torch.from_numpy(panel), torch.from_numpy(allowed))
-    panel_post = panel_posteriors(*args, torch.from_numpy(morgan), t_cols, ne=50_000.0, err=0.01)
-    dose = panel_dosage(
-        panel_post, t_cols, *args[1:], torch.from_numpy(morgan), 0, n_ctx, n_ctx
-    )  # (2, n_ctx)
-    d = np.diff(morgan[cols], prepend=morgan[cols][0])
-    switch = (1 - np.exp(-4 * 50_000.0 * d / n_panel)).astype(np.float32)
-    for row in range(2):
-        ok = np.flatnonzero(allowed[row])
-        ref = ((panel[ok][:, cols] + 1) // 2).T  # (m, allowed)
-        obs = ((query[row, cols] + 1) // 2)[:, None]
-        full = np.zeros((len(cols), n_panel), dtype=np.float32)
-        # the reference jumps uniformly over its own states: the allowed ones
-        full[:, ok] = posteriors(obs, ref, switch, 0.01)[:, 0, :]
-        at_nbrs = full[:, idx[row].numpy()]  # (m, K)
-        assert np.allclose(post[row][:, cols].T.numpy(), at_nbrs, atol=1e-4)
-        # between typed columns: linear in genetic position
-        j = 25  # between typed columns 24 and 28
-        w = (morgan[j] - morgan[24]) / (morgan[28] - morgan[24])
-        expected = (1 - w) * full[6, idx[row].numpy()] + w * full[7, idx[row].numpy()]
-        assert np.allclose(post[row][:, j].numpy(), expected, atol=1e-4)
-        # the HMM's own P(ALT) (the net's skip input): the interpolated posterior summed over
-        # the haplotypes carrying ALT, at every site, typed or not, and past the end columns
-        at_sites = np.stack([np.interp(morgan, morgan[cols], full[:, n]) for n in range(n_panel)])
-        expected_dose = (at_sites * (panel > 0)).sum(0)  # (n_ctx,)
-        assert np.allclose(dose[row].numpy(), expected_dose, atol=1e-4)
-    assert switch.max() > 0.9  # the hotspot really is a near-certain switch
-    # at typed sites the HMM returns the typed allele (err=0.01 lets a few disagree)
-    typed_alt = torch.from_numpy(query[:, typed] > 0)
-    assert ((dose[:, typed] > 0.5) == typed_alt).float().mean() > 0.9
-
-
-def test_fitted_hmm_error_rate_follows_the_calls_error_rate(tiny_sim, cache_dir):
-    """estimate_err (EM on the HMM's mismatch rate) recovers the rate of flipped alleles in
-    queries copied from a real simulated panel, and on error-free calls falls to near zero but
-    not below Li and Stephens' rate."""
-    from snvbert.data.retrieval import estimate_err, li_stephens_err, switch_probabilities
-    from snvbert.data.vcf import load_panel
-
-    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache_dir, progress=False)
-    haps = np.asarray(pan.haplotypes).astype(np.int8)  # (sites, N) 0/1
-    cols = np.arange(0, pan.n_sites, 3)
-    states = torch.from_numpy(2 * haps[cols] - 1)  # (U, N)
-    people = np.arange(0, pan.n_samples, 3)
-    queries = np.stack([2 * people, 2 * people + 1], 1).ravel()  # both haplotypes of a third
-    allowed = torch.from_numpy(np.repeat(people, 2)[:, None] != np.arange(pan.n_haps)[None] // 2)
-    switch = switch_probabilities(torch.from_numpy(pan.pos[cols] * 1e-8), 150_000.0, pan.n_haps)
-    rng = np.random.default_rng(3)
-    clean = 2 * haps[cols][:, queries] - 1  # (U, Q)
-    fitted = {}
-    for rate in (0.0, 0.02):
-        q = np.where(rng.random(clean.shape) < rate, -clean, clean)
-        q[rng.random(clean.shape) < 0.05] = 0  # missing calls are not counted
-        fitted[rate] = estimate_err(states, torch.from_numpy(q.astype(np.int8)), allowed, switch)
-    assert 0.014 < fitted[0.02] < 0.028, fitted
-    assert li_stephens_err(pan.n_haps) <= fitted[0.0] < fitted[0.02] / 4, fitted
-    assert li_stephens_err(2000) == pytest.approx(3.06e-5, rel=0.01)
-
-
 def test_genetic_map_positions_and_bad_maps(tmp_path, tiny_sim, cache_dir):
     """A PLINK map is interpolated in bp; bad maps are one-line errors naming the file; the
     simulated map beside a panel is picked up and recorded for imputation."""
@@ -604,14 +457,14 @@ def test_genetic_map_positions_and_bad_maps(tmp_path, tiny_sim, cache_dir):
     with pytest.raises(SnvbertError, match="junk.map.*PLINK map"):
         genetic_positions(np.array([1500]), junk)
 
-    dm = SNVDataModule(panel=str(tiny_sim / "panel.vcf.gz"), cache_dir=str(cache_dir))
+    dm = datamodule(panel=str(tiny_sim / "panel.vcf.gz"), cache_dir=str(cache_dir))
     dm.setup()
     assert dm.describe()["genetic_map"] == str((tiny_sim / "map.plink").resolve())
     expected = genetic_positions(dm.panel.pos, tiny_sim / "map.plink")
     batch = dm.dataset[(0, 0, 0, 1, tuple(int(p) for p in dm.splits["train"][:2]))]
     w = dm.windows[1]
     assert np.allclose(batch["ctx_morgan"].numpy(), expected[w.ctx_start : w.ctx_end])
-    missing = SNVDataModule(
+    missing = datamodule(
         panel=str(tiny_sim / "panel.vcf.gz"),
         cache_dir=str(cache_dir),
         genetic_map=str(tmp_path / "absent.map"),
@@ -624,8 +477,8 @@ def test_select_by_posterior_finds_the_copied_haplotypes(tiny_sim, cache_dir):
     """data.hmm.select=posterior: the neighbours are the haplotypes the panel-state HMM copies
     in the window. A query made of two panel haplotypes' pieces gets both as neighbours, the
     query's own person never, and the batch keeps the retrieval contract."""
-    from snvbert.data.retrieval import panel_posteriors, select_by_posterior
     from snvbert.errors import SnvbertError
+    from snvbert.hmm import HMMConfig, context_posteriors, select_by_posterior
 
     rng = np.random.default_rng(11)
     n_panel, n_ctx = 40, 80
@@ -638,7 +491,9 @@ def test_select_by_posterior_finds_the_copied_haplotypes(tiny_sim, cache_dir):
     allowed[0, 6 ^ 1] = False  # say 7 is the query's own second haplotype
     cols = torch.nonzero(q[0] != 0).squeeze(1)
     morgan = torch.from_numpy(np.arange(n_ctx) * 2e-4)
-    post = panel_posteriors(q, p, allowed, morgan, cols, ne=20_000.0, err=0.01)
+    post = context_posteriors(
+        q, p, allowed, morgan, cols, HMMConfig.parse({**HMM, "ne": 20_000.0, "err": 0.01})
+    )
     assert post.shape == (1, n_panel, cols.numel())
     scores, idx, valid = select_by_posterior(post, cols, 30, 20, 5, q, p, allowed)
     assert {6, 21} <= set(idx[0].tolist()) and 7 not in idx[0].tolist()
@@ -647,7 +502,7 @@ def test_select_by_posterior_finds_the_copied_haplotypes(tiny_sim, cache_dir):
     dm = make_dm(
         tiny_sim,
         cache_dir,
-        hmm={"enabled": True, "ne": 150000, "err": 0.002, "states": "panel", "select": "posterior"},
+        hmm={**HMM, "err": 0.002, "select": "posterior"},
         retrieval={"k": 16},
     )
     persons = tuple(int(x) for x in dm.splits["train"][:2])
@@ -657,7 +512,7 @@ def test_select_by_posterior_finds_the_copied_haplotypes(tiny_sim, cache_dir):
     assert not bool((batch["nbr_hap"] // 2 == own[:, None]).any())
     assert torch.isfinite(batch["nbr_hmm"]).all()
     with pytest.raises(SnvbertError, match="needs data.hmm.states=panel"):
-        make_dm(tiny_sim, cache_dir, hmm={"states": "neighbours", "select": "posterior"})
+        make_dm(tiny_sim, cache_dir, hmm={**HMM, "states": "neighbours", "select": "posterior"})
 
 
 def test_training_batches_draw_the_hmm_mismatch_rate_and_validation_keeps_err(tiny_sim, cache_dir):
@@ -666,16 +521,16 @@ def test_training_batches_draw_the_hmm_mismatch_rate_and_validation_keeps_err(ti
     The drawn rate reaches the batch: the HMM's P(ALT) of one batch differs between two draws."""
     from snvbert.errors import SnvbertError
 
-    hmm = {"enabled": True, "ne": 150000, "err": 1e-4, "err_max": 0.05, "states": "panel"}
+    hmm = {**HMM, "err": 1e-4, "err_max": 0.05}
     dm = make_dm(tiny_sim, cache_dir, hmm=hmm)
-    drawn = np.array([dm.batch_hmm(True, step)["err"] for step in range(400)])
+    drawn = np.array([dm.batch_hmm(True, step).err for step in range(400)])
     assert drawn.min() >= 1e-4 and drawn.max() <= 0.05
     # log-uniform: about a quarter of the draws in each quarter of the log range
     quarter = np.floor(4 * np.log(drawn / 1e-4) / np.log(0.05 / 1e-4)).clip(0, 3)
     assert np.all(np.bincount(quarter.astype(int), minlength=4) > 60)
     assert dm.batch_hmm(True, 7) == dm.batch_hmm(True, 7)
-    assert dm.batch_hmm(False, 7)["err"] == 1e-4 and dm.batch_hmm(False, 8)["err"] == 1e-4
-    assert all("err_max" not in dm.batch_hmm(t, 3) for t in (True, False))
+    assert dm.batch_hmm(False, 7).err == 1e-4 and dm.batch_hmm(False, 8).err == 1e-4
+    assert all(dm.batch_hmm(t, 3).err_max is None for t in (True, False))
 
     persons = tuple(int(x) for x in dm.splits["train"][:2])
     low, high = np.argmin(drawn), np.argmax(drawn)
@@ -688,91 +543,23 @@ def test_training_batches_draw_the_hmm_mismatch_rate_and_validation_keeps_err(ti
     assert not torch.allclose(doses[0], doses[1], atol=1e-4)
 
     without = make_dm(tiny_sim, cache_dir, hmm={**hmm, "err_max": None})
-    assert without.batch_hmm(True, 3)["err"] == 1e-4
+    assert without.batch_hmm(True, 3).err == 1e-4
     for bad, match in (({"err_max": 1e-5}, "err_max=1e-05 must lie in"), ({"err": 0.7}, "err=0.7")):
         with pytest.raises(SnvbertError, match=match):
             make_dm(tiny_sim, cache_dir, hmm={**hmm, **bad})
 
 
-def _founder_panel(rng, n_founders=6, n_haps=60, n_cols=200, mutation=0.02):
-    """Haplotypes copied from a few founders with rare mutations: many near-identical ones."""
-    founders = rng.choice(np.array([-1, 1], dtype=np.int8), size=(n_founders, n_cols))
-    panel = founders[np.arange(n_haps) % n_founders].copy()
-    flip = rng.random(panel.shape) < mutation
-    panel[flip] *= -1
-    return panel
-
-
-def test_ibs_states_keep_the_longest_identical_by_state_haplotypes():
-    """Beagle's IBS state selection: from each 0.1 cM step a query keeps the ``haps`` panel
-    haplotypes identical by state with it longest; the union over steps are its HMM states.
-
-    Among near-identical haplotypes (copies of a few founders), the query's true sources are
-    kept, every kept haplotype is identical by state with the query over a whole step, none of
-    another founder is, a disallowed haplotype never is, and a query's states do not depend on
-    the rest of its batch. The HMM over them puts no mass elsewhere.
-    """
-    from snvbert.data.retrieval import ibs_states, panel_posteriors
-
-    rng = np.random.default_rng(3)
-    panel = _founder_panel(rng)  # (60, 200): hap h copies founder h % 6
-    n_haps, n_cols = panel.shape
-    morgan = torch.arange(n_cols, dtype=torch.float64) * 1e-4  # 2 cM: 20 steps of 10 columns
-    # rows 0 and 1 copy haplotype 7 (founder 1), then haplotype 20 (founder 2)
-    query = np.concatenate([panel[7, :100], panel[20, 100:]])[None].repeat(3, 0)
-    query[2] = panel[33]  # founder 3
-    query[1, ::7] = 0  # unobserved columns match anything
-    allowed = torch.ones(3, n_haps, dtype=torch.bool)
-    allowed[1, 7] = False  # the query's own haplotype, say
-    q, p = torch.from_numpy(query.T.copy()), torch.from_numpy(panel.T.copy())
-    keep = ibs_states(q, p, morgan, allowed, haps=3, step_cm=0.1, steps=5)
-    assert keep[0, 7] and keep[0, 20] and keep[2, 33]
-    assert not keep[1, 7] and keep[1, 20]
-    assert not (keep & ~allowed).any()
-    founder = np.arange(n_haps) % 6
-    assert set(founder[keep[0].numpy()]) <= {1, 2} and set(founder[keep[2].numpy()]) == {3}
-    assert 3 <= int(keep[0].sum()) <= 3 * 20 and int(keep[0].sum()) < n_haps // 3
-    # every kept haplotype agrees with the query over at least one whole step
-    steps = [slice(a, a + 10) for a in range(0, n_cols, 10)]
-    for row in range(3):
-        obs = query[row] != 0
-        for h in np.flatnonzero(keep[row].numpy()):
-            assert any(np.all((panel[h, s] == query[row, s]) | ~obs[s]) for s in steps)
-    alone = ibs_states(q[:, 2:], p, morgan, allowed[2:], haps=3, step_cm=0.1, steps=5)
-    assert torch.equal(alone[0], keep[2])
-    # a query that matches no haplotype over any whole step keeps every allowed one
-    stranger = -panel[7]
-    assert not any(np.all(panel[:, s] == stranger[s], axis=1).any() for s in steps)
-    kept = ibs_states(torch.from_numpy(stranger[:, None].copy()), p, morgan, allowed[1:2], haps=3)
-    assert torch.equal(kept, allowed[1:2])
-    # the HMM over the kept states only: posteriors there, summing to one
-    cols = torch.arange(n_cols)
-    post = panel_posteriors(
-        torch.from_numpy(query),
-        torch.from_numpy(panel),
-        allowed,
-        morgan,
-        cols,
-        ne=20_000.0,
-        err=0.01,
-        ibs={"haps": 3, "step_cm": 0.1, "steps": 5},
-    )  # (3, N, U)
-    assert float(post.masked_select(~keep[:, :, None].expand_as(post)).abs().max()) == 0.0
-    assert torch.allclose(post.sum(1), torch.ones(3, n_cols), atol=1e-4)
-    assert post[0, 7, :90].mean() > 0.3 and post[0, 20, 110:].mean() > 0.3
-
-
 def test_hmm_ibs_config_fills_beagle_defaults_and_rejects_bad_values(tiny_sim, cache_dir):
     """data.hmm.ibs: Beagle's defaults fill what is not given; unknown keys and impossible
     values are one-line config errors; the setting reaches training batches (their HMM)."""
-    from snvbert.data.retrieval import IBS_DEFAULTS
     from snvbert.errors import SnvbertError
+    from snvbert.hmm import IBSConfig
 
-    hmm = {"enabled": True, "ne": 150000, "err": 1e-3, "states": "panel"}
+    hmm = HMM
     dm = make_dm(tiny_sim, cache_dir, hmm={**hmm, "ibs": {"haps": 4}})
-    assert dm.hmm["ibs"] == {**IBS_DEFAULTS, "haps": 4}
+    assert dm.hmm.ibs == IBSConfig(haps=4, step_cm=0.1, steps=7)
     without = make_dm(tiny_sim, cache_dir, hmm={**hmm, "ibs": None}).hmm
-    assert "ibs" not in without
+    assert without.ibs is None
     persons = tuple(int(x) for x in dm.splits["train"][:2])
     doses = [
         retrieve(dm.dataset[(0, 0, 1, 1, persons)], dm.retriever, h)["hmm_dose"]
@@ -800,7 +587,7 @@ def test_hmm_scope_chromosome_gives_training_the_chromosome_wide_hmm(tiny_sim, c
     from snvbert.errors import SnvbertError
 
     noisy = [LEVELS[0], {**LEVELS[1], "missing_rate": 0.1, "error_rate": 0.05}]
-    hmm = {"enabled": True, "ne": 150000, "err": 1e-3, "states": "panel", "ibs": {"haps": 4}}
+    hmm = {**HMM, "ibs": {"haps": 4}}
     dm = make_dm(
         tiny_sim, cache_dir, curriculum={"levels": noisy}, hmm={**hmm, "scope": "chromosome"}
     )
@@ -854,7 +641,7 @@ def test_hmm_scope_chromosome_gives_training_the_chromosome_wide_hmm(tiny_sim, c
         assert torch.allclose(got["hmm_dose"], want["hmm_dose"], atol=1e-5)
         assert torch.allclose(got["nbr_hmm"], want["nbr_hmm"], atol=1e-5)
     for bad, match in (
-        ({"scope": "genome"}, "data.hmm.scope='genome' must be 'context' or 'chromosome'"),
+        ({"scope": "genome"}, "data.hmm.scope='genome' must be one of"),
         (
             {"scope": "chromosome", "states": "neighbours", "ibs": None},
             "needs data.hmm.states=panel",

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 from cyvcf2 import VCF
 
+import snvbert.data.vcf_writer as vcf_writer
 import snvbert.impute as imp
+from snvbert.data.sites import match_sites, prepare_target
+from snvbert.data.vcf_writer import dosage_r2, format_samples
 from snvbert.errors import SnvbertError
-from snvbert.impute import dosage_r2, format_samples, impute, match_sites
+from snvbert.impute import impute
 from snvbert.utils.io import write_bgzipped_vcf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +206,7 @@ def test_interrupted_run_leaves_nothing(
         calls["n"] += 1
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of writing
 
-    monkeypatch.setattr(imp, "format_samples", failing)
+    monkeypatch.setattr(vcf_writer, "format_samples", failing)
     out = tmp_path / "out.vcf.gz"
     with pytest.raises(KeyboardInterrupt):
         impute(
@@ -350,14 +353,14 @@ def test_chromosome_wide_hmm_equals_the_per_window_hmm(
     import torch
 
     from snvbert.data.genetic_map import genetic_positions
-    from snvbert.data.retrieval import IBS_DEFAULTS
     from snvbert.data.vcf import load_panel
+    from snvbert.hmm import ChromosomeHMM, IBSConfig
 
     model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
-    assert model.describe["hmm"]["states"] == "panel"
+    assert model.hmm.states == "panel"
     model.describe["context_bp"] = 10**8  # every window's context is the whole chromosome
     pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
-    _, match, calls = imp.prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
+    _, match, calls = prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
     calls = calls.copy()
     calls[3, 1] = calls[7, 4] = -1  # missing calls: emitted as 1, predicted
     targets = np.arange(calls.shape[1] // 2)
@@ -366,13 +369,16 @@ def test_chromosome_wide_hmm_equals_the_per_window_hmm(
         pan,
         3,
         morgans=genetic_positions(pan.pos, tiny_sim / "map.plink"),
-        hmm_ibs=dict(IBS_DEFAULTS) if ibs else None,
+        hmm_ibs=IBSConfig() if ibs else None,
     )
     calls_seen = []
-    real = imp.forward_backward
-    monkeypatch.setattr(
-        imp, "forward_backward", lambda *a, **k: calls_seen.append(1) or real(*a, **k)
-    )
+
+    class Spy(ChromosomeHMM):
+        def posteriors(self, *a, **k):
+            calls_seen.append(1)
+            return super().posteriors(*a, **k)
+
+    monkeypatch.setattr(imp, "ChromosomeHMM", Spy)
     whole = imp.predict(*args, **kwargs)
     assert len(calls_seen) == 4  # once per chunk of people, not once per window
     monkeypatch.setattr(imp, "HMM_MEMORY_BYTES", 0)
@@ -391,14 +397,14 @@ def test_hmm_mismatch_rate_is_fitted_to_the_targets(
     import torch
 
     from snvbert.data.genetic_map import genetic_positions
-    from snvbert.data.retrieval import IBS_DEFAULTS, li_stephens_err
     from snvbert.data.vcf import load_panel
+    from snvbert.hmm import IBSConfig, li_stephens_err
 
     _, summary = clean
     pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
     assert li_stephens_err(pan.n_haps) <= summary["hmm_err"] < 0.05
     model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
-    _, match, calls = imp.prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
+    _, match, calls = prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
     targets = -1 - np.arange(calls.shape[1] // 2)
     args = (model, pan, match.panel_index)
     rest = (targets, np.arange(pan.n_samples), genetic_positions(pan.pos, None))
@@ -418,16 +424,16 @@ def test_hmm_mismatch_rate_is_fitted_to_the_targets(
     assert summary["hmm_ibs"] is None
     assert "states: every reference haplotype" in imp.format_summary(summary)
     assert imp._resolve_hmm_states("auto", None, 1600) is None
-    assert imp._resolve_hmm_states("auto", None, 1602) == IBS_DEFAULTS
-    assert imp._resolve_hmm_states("ibs", {"haps": 8, "step_cm": 0.2, "steps": 3}, 10)["haps"] == 8
+    assert imp._resolve_hmm_states("auto", None, 1602) == IBSConfig()
+    assert imp._resolve_hmm_states("ibs", IBSConfig(8, 0.2, 3), 10).haps == 8
     assert imp._resolve_hmm_states("train", None, 5000) == "train"
-    ibs_summary = {**summary, "hmm_ibs": IBS_DEFAULTS}
+    ibs_summary = {**summary, "hmm_ibs": {"haps": 26, "step_cm": 0.1, "steps": 7}}
     assert "states: IBS-selected (26 a 0.1 cM step over 7 steps)" in imp.format_summary(ibs_summary)
     panel_states = imp.predict(
         *args, calls, targets, np.arange(pan.n_samples), **kwargs, hmm_ibs=None
     )
     ibs_states = imp.predict(
-        *args, calls, targets, np.arange(pan.n_samples), **kwargs, hmm_ibs=dict(IBS_DEFAULTS)
+        *args, calls, targets, np.arange(pan.n_samples), **kwargs, hmm_ibs=IBSConfig()
     )
     assert np.abs(panel_states - ibs_states).max() > 0.01
     with pytest.raises(SnvbertError, match="hmm_states=every must be auto, ibs, panel or train"):

@@ -136,7 +136,7 @@ def test_fast_dev_run(tmp_path, tiny_sim, experiment):
     assert objects["trainer"].state.finished
     assert "train/loss" in metrics or "train/loss_step" in metrics
     if experiment:
-        assert objects["datamodule"].hmm["scope"] == "chromosome"
+        assert objects["datamodule"].hmm.scope == "chromosome"
         assert objects["datamodule"].dataset.hmm_chromosome
         assert "val/baseline_hmm_r2" in metrics
 
@@ -248,10 +248,10 @@ def test_hmm_skip_without_the_hmm_is_a_config_error(tmp_path, tiny_sim):
     """The skip needs the HMM's dosage: refused before any data is read, not deep in a step."""
     from snvbert.errors import SnvbertError
 
-    cfg = compose_train(tmp_path, tiny_sim, "data.hmm.enabled=false")
+    cfg = compose_train(tmp_path, tiny_sim, "data.hmm=null")
     with pytest.raises(SnvbertError, match="model.hmm_skip=false"):
         train(cfg)
-    cfg = compose_train(tmp_path, tiny_sim, "data.hmm.enabled=false", "model.hmm_skip=false")
+    cfg = compose_train(tmp_path, tiny_sim, "data.hmm=null", "model.hmm_skip=false")
     assert build_module(cfg).net.config.hmm_skip is False
 
 

@@ -13,7 +13,7 @@ Two cases, one seed (so one panel and one truth):
   it in one run; snvbert, Minimac4 and the HMMs get the array phased by Beagle
   (``impute=false``), as a user would run them.
 
-Two Li–Stephens HMM references (:mod:`snvbert.hmm`): ``hmm`` over every panel haplotype, and
+Two Li–Stephens HMM references (:mod:`snvbert.hmm.imputer`): ``hmm`` over every panel haplotype, and
 ``hmm_ibs`` over the ones Beagle's IBS selection keeps, the states of snvbert's HMM feature at
 imputation from panels of more than 1,600 haplotypes (the 5 Mb ones); the table shows what the
 network adds beyond them.
@@ -275,8 +275,8 @@ def run(
             )
             files["minimac4"] = work / "minimac4.vcf.gz"
         if hmm:
-            from snvbert.data.retrieval import IBS_DEFAULTS
-            from snvbert.hmm import impute_hmm
+            from snvbert.hmm import IBSConfig
+            from snvbert.hmm.imputer import impute_hmm
 
             started = time.perf_counter()
             impute_hmm(
@@ -293,7 +293,7 @@ def run(
                 query,
                 work / "hmm_ibs.vcf.gz",
                 genetic_map=sim / "map.plink",
-                ibs=IBS_DEFAULTS,
+                ibs=IBSConfig(),
                 cache_dir=cache,
             )
             case_times[case]["hmm_ibs"] = time.perf_counter() - started

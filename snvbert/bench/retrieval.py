@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from snvbert.data.retrieval import Retriever
+from snvbert.config import retriever
 
 N_QUERIES, N_SITES = 4096, 512
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -78,7 +78,7 @@ def retrieval(reps: int = 3) -> list[dict]:
         index.add(panel.astype(np.float32))
         qf = query.astype(np.float32)
         for k in (16, 256):
-            ours = Retriever(k=k)
+            ours = retriever(k=k)
             t = {
                 "faiss_flat": _best(partial(index.search, qf, k), reps),
                 "torch_topk": _best(partial(_torch_topk, qt, pt, k), reps),
@@ -95,7 +95,7 @@ def retrieval(reps: int = 3) -> list[dict]:
 
 
 def dataloader(out_dir: Path, n_batches: int = 30) -> list[dict]:
-    from snvbert.data.datamodule import SNVDataModule
+    from snvbert.config import datamodule
     from snvbert.model.module import SNVBertModule
     from snvbert.model.net import SNVBertNet
     from snvbert.simulate import simulate
@@ -105,7 +105,7 @@ def dataloader(out_dir: Path, n_batches: int = 30) -> list[dict]:
     rows = []
     step_time = None
     for workers in (0, 2):
-        dm = SNVDataModule(
+        dm = datamodule(
             panel=str(sim / "panel.vcf.gz"),
             cache_dir=str(out_dir / "cache"),
             batch_size=8,

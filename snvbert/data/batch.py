@@ -1,5 +1,9 @@
 """The batch: what the DataModule hands the model, key by key.
 
+Training (:class:`snvbert.data.datamodule.PanelWindows`) and imputation (:mod:`snvbert.impute`)
+both build their batches here: :func:`assemble_batch` the query side, :func:`panel_inputs` the
+retrieval panel's side; :func:`snvbert.data.retrieval.retrieve` then adds the neighbours.
+
 A batch is a ``dict[str, Tensor]``. Items are (window, person): each brings the person's two
 haplotypes as consecutive rows, so rows ``2i`` and ``2i+1`` are one person and diploid dosages are
 ``p[2i] + p[2i+1]``. All rows of a batch share one window (batches are grouped by window), so
@@ -44,8 +48,103 @@ Added by retrieval (``SNVDataModule.on_after_batch_transfer``, on the batch's de
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+from torch import Tensor
+
+from snvbert.data.encoding import plus_minus, query_code
+from snvbert.data.genetic_map import genetic_positions
+from snvbert.data.masks import tie_jitter
+from snvbert.data.windows import Window
+
 ALLELE_REF = 0
 ALLELE_ALT = 1
 MASK = 2
 PAD = 3
 VOCAB_SIZE = 4
+
+
+def assemble_batch(
+    window: Window,
+    length: int,
+    truth_ctx: np.ndarray,
+    observed_ctx: np.ndarray,
+    hidden_ctx: np.ndarray,
+    *,
+    pos: np.ndarray,
+    af: np.ndarray,
+    haps: np.ndarray,
+    persons: np.ndarray,
+    morgans: np.ndarray | None = None,
+) -> dict[str, Tensor]:
+    """The query side of a batch (see :mod:`snvbert.data.batch`) from context-wide arrays.
+
+    truth_ctx, observed_ctx (B, C) int8 alleles 0/1 (observed may carry genotype errors, and is
+    ignored where hidden); hidden_ctx (B, C) bool; af the panel ALT frequency, per site of the
+    panel (n_sites,) or per row over the window (B, window sites); morgans the panel sites'
+    genetic positions (None: a constant 1 cM/Mb).
+    """
+    b = truth_ctx.shape[0]
+    off, n = window.start - window.ctx_start, window.length
+    win = slice(off, off + n)
+    tokens = np.full((b, length), PAD, dtype=np.int64)
+    tokens[:, :n] = np.where(hidden_ctx[:, win], MASK, observed_ctx[:, win])
+    alleles = np.zeros((b, length), dtype=np.int64)
+    alleles[:, :n] = truth_ctx[:, win]
+    mask = np.zeros((b, length), dtype=bool)
+    mask[:, :n] = hidden_ctx[:, win]
+    pad = np.ones((b, length), dtype=bool)
+    pad[:, :n] = False
+    sites = np.full(length, -1, dtype=np.int64)
+    sites[:n] = np.arange(window.start, window.end)
+    core = (sites >= window.core_start) & (sites < window.core_end)
+    site_af = np.zeros((b, length), dtype=np.float32)
+    site_af[:, :n] = af[window.start : window.end] if np.ndim(af) == 1 else af
+    site_pos = np.zeros(length, dtype=np.int64)
+    site_pos[:n] = pos[window.start : window.end]
+    query_ctx = query_code(observed_ctx, hidden_ctx)
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "alleles": torch.from_numpy(alleles),
+        "mask": torch.from_numpy(mask),
+        "pad": torch.from_numpy(pad),
+        "af": torch.from_numpy(site_af),
+        "pos": torch.from_numpy(np.broadcast_to(site_pos, (b, length)).copy()),
+        "site": torch.from_numpy(np.broadcast_to(sites, (b, length)).copy()),
+        "core": torch.from_numpy(np.broadcast_to(core, (b, length)).copy()),
+        "hap": torch.from_numpy(np.asarray(haps, dtype=np.int64)),
+        "person": torch.from_numpy(np.asarray(persons, dtype=np.int64)),
+        "window": torch.full((b,), window.index, dtype=torch.long),
+        "query_ctx": torch.from_numpy(query_ctx),
+        "ctx_morgan": torch.from_numpy(
+            np.asarray(
+                genetic_positions(pos[window.ctx_start : window.ctx_end], None)
+                if morgans is None
+                else morgans[window.ctx_start : window.ctx_end],
+                dtype=np.float64,
+            )
+        ),
+        "win_offset": torch.tensor([off], dtype=torch.long),
+        "win_len": torch.tensor([n], dtype=torch.long),
+    }
+
+
+def panel_inputs(
+    ctx_rows: np.ndarray,
+    panel_haps: np.ndarray,
+    panel_persons: np.ndarray,
+    window: Window,
+    *,
+    seed: int,
+    stream: int,
+    epoch: int,
+) -> dict[str, Tensor]:
+    """The retrieval panel's side of a batch: its haplotypes over the context, as +-1."""
+    panel_ctx = plus_minus(ctx_rows[:, panel_haps].T)  # (N, C)
+    jitter = tie_jitter(len(panel_haps), seed=seed, stream=stream, epoch=epoch, window=window.index)
+    return {
+        "panel_ctx": torch.from_numpy(np.ascontiguousarray(panel_ctx)),
+        "panel_hap": torch.from_numpy(panel_haps.astype(np.int64)),
+        "panel_person": torch.from_numpy(np.repeat(panel_persons, 2).astype(np.int64)),
+        "jitter": torch.from_numpy(jitter),
+    }

@@ -27,22 +27,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from snvbert.data import masks as M
-from snvbert.data.batch import MASK, PAD
+from snvbert.data.batch import assemble_batch, panel_inputs
 from snvbert.data.curriculum import Curriculum
+from snvbert.data.encoding import plus_minus, query_code
 from snvbert.data.genetic_map import CM_PER_MB, genetic_positions
-from snvbert.data.retrieval import (
-    IBS_DEFAULTS,
-    Retriever,
-    copying_posteriors,
-    feature_columns,
-    neighbour_features,
-    panel_dosage,
-    panel_posteriors,
-    select_by_posterior,
-    tie_jitter,
-)
+from snvbert.data.retrieval import Retriever, retrieve
 from snvbert.data.windows import Window, make_windows, split_people
 from snvbert.errors import SnvbertError
+from snvbert.hmm import HMMConfig
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +219,7 @@ class PanelWindows(Dataset):
                 self._chips.pop(next(iter(self._chips)))
             typed = np.flatnonzero(self.chip(stream, epoch, level))
             rows = np.asarray(self.haplotypes[typed])  # (U, n_haps)
-            states = (2 * rows[:, self.panel_haps].astype(np.int8) - 1).astype(np.int8)
+            states = plus_minus(rows[:, self.panel_haps])
             self._chips[key] = (typed, rows, np.ascontiguousarray(states))
         typed, rows, states = self._chips[key]
         all_typed = np.ones(len(typed), dtype=bool)
@@ -236,7 +228,7 @@ class PanelWindows(Dataset):
         cols = typed[lo:hi] - window.ctx_start
         miss[:, lo:hi], flips[:, lo:hi] = hidden[:, cols], errors[:, cols]
         calls = rows[:, haps].T.astype(np.int8) ^ flips.astype(np.int8)  # (B, U)
-        query = np.where(miss, 0, 2 * calls - 1).astype(np.int8)
+        query = query_code(calls, miss)
         return {
             "hmm_query": torch.from_numpy(np.ascontiguousarray(query.T)),
             "hmm_states": torch.from_numpy(states),
@@ -310,249 +302,6 @@ class PanelWindows(Dataset):
         return batch
 
 
-def assemble_batch(
-    window: Window,
-    length: int,
-    truth_ctx: np.ndarray,
-    observed_ctx: np.ndarray,
-    hidden_ctx: np.ndarray,
-    *,
-    pos: np.ndarray,
-    af: np.ndarray,
-    haps: np.ndarray,
-    persons: np.ndarray,
-    morgans: np.ndarray | None = None,
-) -> dict[str, Tensor]:
-    """The query side of a batch (see :mod:`snvbert.data.batch`) from context-wide arrays.
-
-    truth_ctx, observed_ctx (B, C) int8 alleles 0/1 (observed may carry genotype errors, and is
-    ignored where hidden); hidden_ctx (B, C) bool; af the panel ALT frequency, per site of the
-    panel (n_sites,) or per row over the window (B, window sites); morgans the panel sites'
-    genetic positions (None: a constant 1 cM/Mb).
-    """
-    b = truth_ctx.shape[0]
-    off, n = window.start - window.ctx_start, window.length
-    win = slice(off, off + n)
-    tokens = np.full((b, length), PAD, dtype=np.int64)
-    tokens[:, :n] = np.where(hidden_ctx[:, win], MASK, observed_ctx[:, win])
-    alleles = np.zeros((b, length), dtype=np.int64)
-    alleles[:, :n] = truth_ctx[:, win]
-    mask = np.zeros((b, length), dtype=bool)
-    mask[:, :n] = hidden_ctx[:, win]
-    pad = np.ones((b, length), dtype=bool)
-    pad[:, :n] = False
-    sites = np.full(length, -1, dtype=np.int64)
-    sites[:n] = np.arange(window.start, window.end)
-    core = (sites >= window.core_start) & (sites < window.core_end)
-    site_af = np.zeros((b, length), dtype=np.float32)
-    site_af[:, :n] = af[window.start : window.end] if np.ndim(af) == 1 else af
-    site_pos = np.zeros(length, dtype=np.int64)
-    site_pos[:n] = pos[window.start : window.end]
-    query_ctx = np.where(hidden_ctx, 0, 2 * observed_ctx.astype(np.int8) - 1).astype(np.int8)
-    return {
-        "tokens": torch.from_numpy(tokens),
-        "alleles": torch.from_numpy(alleles),
-        "mask": torch.from_numpy(mask),
-        "pad": torch.from_numpy(pad),
-        "af": torch.from_numpy(site_af),
-        "pos": torch.from_numpy(np.broadcast_to(site_pos, (b, length)).copy()),
-        "site": torch.from_numpy(np.broadcast_to(sites, (b, length)).copy()),
-        "core": torch.from_numpy(np.broadcast_to(core, (b, length)).copy()),
-        "hap": torch.from_numpy(np.asarray(haps, dtype=np.int64)),
-        "person": torch.from_numpy(np.asarray(persons, dtype=np.int64)),
-        "window": torch.full((b,), window.index, dtype=torch.long),
-        "query_ctx": torch.from_numpy(query_ctx),
-        "ctx_morgan": torch.from_numpy(
-            np.asarray(
-                genetic_positions(pos[window.ctx_start : window.ctx_end], None)
-                if morgans is None
-                else morgans[window.ctx_start : window.ctx_end],
-                dtype=np.float64,
-            )
-        ),
-        "win_offset": torch.tensor([off], dtype=torch.long),
-        "win_len": torch.tensor([n], dtype=torch.long),
-    }
-
-
-def panel_inputs(
-    ctx_rows: np.ndarray,
-    panel_haps: np.ndarray,
-    panel_persons: np.ndarray,
-    window: Window,
-    *,
-    seed: int,
-    stream: int,
-    epoch: int,
-) -> dict[str, Tensor]:
-    """The retrieval panel's side of a batch: its haplotypes over the context, as +-1."""
-    panel_ctx = (2 * ctx_rows[:, panel_haps].T.astype(np.int8) - 1).astype(np.int8)  # (N, C)
-    jitter = tie_jitter(len(panel_haps), seed=seed, stream=stream, epoch=epoch, window=window.index)
-    return {
-        "panel_ctx": torch.from_numpy(np.ascontiguousarray(panel_ctx)),
-        "panel_hap": torch.from_numpy(panel_haps.astype(np.int64)),
-        "panel_person": torch.from_numpy(np.repeat(panel_persons, 2).astype(np.int64)),
-        "jitter": torch.from_numpy(jitter),
-    }
-
-
-# The random stream of the training batches' HMM mismatch rates (data.hmm.err_max).
-ERR_STREAM = 3
-
-
-def _ibs(value: Any) -> dict[str, Any]:
-    """data.hmm.ibs as plain keyword arguments of ibs_states (Beagle's defaults filled in)."""
-    given = dict(value)
-    unknown = sorted(set(given) - set(IBS_DEFAULTS))
-    if unknown:
-        raise SnvbertError(
-            f"data.hmm.ibs has unknown key(s) {', '.join(unknown)}; "
-            f"it takes {', '.join(IBS_DEFAULTS)}"
-        )
-    ibs = {**IBS_DEFAULTS, **given}
-    ibs = {"haps": int(ibs["haps"]), "step_cm": float(ibs["step_cm"]), "steps": int(ibs["steps"])}
-    if ibs["haps"] < 1 or ibs["steps"] < 1 or not ibs["step_cm"] > 0:
-        raise SnvbertError(
-            f"data.hmm.ibs needs haps >= 1, steps >= 1 and step_cm > 0 (got {given})"
-        )
-    return ibs
-
-
-def _check_hmm_err(hmm: dict[str, Any]) -> None:
-    """data.hmm.err in (0, 0.5); data.hmm.err_max, when set, in [err, 0.5)."""
-    err, err_max = hmm.get("err", 0.002), hmm.get("err_max")
-    if not 0.0 < err < 0.5:
-        raise SnvbertError(f"data.hmm.err={err:g} must lie in (0, 0.5)")
-    if err_max is not None and not err <= err_max < 0.5:
-        raise SnvbertError(
-            f"data.hmm.err_max={err_max:g} must lie in [data.hmm.err={err:g}, 0.5), or be null"
-        )
-
-
-# A batch's chromosome-wide HMM inputs (data.hmm.scope=chromosome, array levels).
-CHROMOSOME_HMM_KEYS = ("hmm_query", "hmm_states", "hmm_morgan", "hmm_cols", "hmm_span")
-
-
-def chromosome_posteriors(
-    inputs: dict[str, Tensor], allowed: Tensor, hmm: dict[str, Any]
-) -> tuple[Tensor, Tensor] | None:
-    """The panel-state posteriors at a window's context columns, from the chromosome-wide HMM.
-
-    The same HMM imputation runs once per chromosome (states IBS-selected with ``hmm["ibs"]``),
-    here run per training batch over the chip's typed sites; None when the context holds none.
-    """
-    lo, hi = (int(v) for v in inputs["hmm_span"])
-    if hi <= lo:
-        return None
-    query, states = inputs["hmm_query"], inputs["hmm_states"]  # (U, B), (U, N)
-    every = torch.arange(query.shape[0], device=query.device)
-    post = panel_posteriors(
-        query.T,
-        states.T,
-        allowed,
-        inputs["hmm_morgan"],
-        every,
-        ne=float(hmm["ne"]),
-        err=float(hmm["err"]),
-        ibs=hmm.get("ibs"),
-    )  # (B, N, U)
-    return post[:, :, lo:hi], inputs["hmm_cols"]
-
-
-def retrieve(
-    batch: dict[str, Tensor],
-    retriever: Retriever,
-    hmm: dict[str, Any] | None = None,
-    panel_post: tuple[Tensor, Tensor] | None = None,
-) -> dict[str, Tensor]:
-    """Replace the panel inputs of a batch by its K neighbours and their per-site features.
-
-    Runs on the batch's device. A query never retrieves a haplotype of its own person. With
-    ``hmm`` (keyword arguments of :func:`copying_posteriors`: ``ne``, ``err``, ``states``), the
-    neighbours' Li–Stephens copying posteriors are added as ``nbr_hmm``. ``panel_post``
-    (posteriors (B, N, U) over the panel rows, their context columns (U,)) supplies panel-state
-    posteriors computed beforehand (imputation: once per chromosome instead of per window);
-    a training batch built with ``data.hmm.scope=chromosome`` carries its own chromosome-wide
-    HMM inputs (:data:`CHROMOSOME_HMM_KEYS`) instead.
-    """
-    ctx_morgan = batch.pop("ctx_morgan")
-    query = batch.pop("query_ctx")
-    panel = batch.pop("panel_ctx")
-    panel_hap = batch.pop("panel_hap")
-    panel_person = batch.pop("panel_person")
-    jitter = batch.pop("jitter")
-    off, n = int(batch.pop("win_offset")[0]), int(batch.pop("win_len")[0])
-    exclude = batch["person"][:, None] == panel_person[None, :]
-    chromosome = {key: batch.pop(key) for key in CHROMOSOME_HMM_KEYS if key in batch}
-    if chromosome and panel_post is None and hmm is not None:
-        panel_post = chromosome_posteriors(chromosome, ~exclude, hmm)
-    # One set of feature columns serves both the agreement runs and the HMM.
-    cols = feature_columns(query != 0, off, n, retriever.feature_sites)
-    hmm_kw = (
-        None
-        if hmm is None
-        else {k: v for k, v in hmm.items() if k not in ("select", "err_max", "scope")}
-    )
-    panel_states = hmm is not None and hmm.get("states", "neighbours") == "panel"
-    if panel_states and panel_post is None and cols.numel() > 0:
-        # One panel-state HMM per batch serves the neighbours' posteriors, the panel dosage
-        # and (select=posterior) the choice of neighbours.
-        post = panel_posteriors(
-            query,
-            panel,
-            ~exclude,
-            ctx_morgan,
-            cols,
-            ne=hmm["ne"],
-            err=hmm["err"],
-            ibs=hmm.get("ibs"),
-        )
-        panel_post = (post, cols)
-    if hmm is not None and hmm.get("select", "score") == "posterior" and panel_post is not None:
-        # Neighbours chosen by the panel-state HMM: the haplotypes it copies in this window.
-        scores, idx, valid = select_by_posterior(
-            *panel_post, off, n, retriever.k, query, panel, ~exclude
-        )
-    else:
-        scores, idx, valid = retriever.search(query.float(), panel.float(), jitter, exclude)
-    length = batch["tokens"].shape[1]
-    alleles, left, right = neighbour_features(query, panel, idx, off, n, length, cols)
-    keep = valid[:, :, None].float()
-    if hmm is not None:
-        post_states, post_cols = (None, cols) if panel_post is None else panel_post
-        batch["nbr_hmm"] = copying_posteriors(
-            query,
-            panel,
-            idx,
-            valid,
-            ctx_morgan,
-            off,
-            n,
-            length,
-            n_panel=panel.shape[0],
-            allowed=~exclude,
-            cols=post_cols,
-            panel_post=post_states,
-            **hmm_kw,
-        )
-        if panel_states:  # the HMM's own P(ALT) over every panel state
-            batch["hmm_dose"] = panel_dosage(
-                post_states, post_cols, panel, ~exclude, ctx_morgan, off, n, length
-            )
-        else:  # over the K neighbour states, whose posterior sums to 1
-            post = batch["nbr_hmm"] * valid[:, :, None]
-            batch["hmm_dose"] = (post * alleles).sum(1) / post.sum(1).clamp(min=1e-12)
-    batch.update(
-        nbr_hap=torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
-        nbr_valid=valid,
-        nbr_score=scores,
-        nbr_alleles=alleles * keep,
-        nbr_left=left * keep,
-        nbr_right=right * keep,
-    )
-    return batch
-
-
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -562,26 +311,29 @@ class SNVDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        panel: str | None = None,
-        sim_dir: str | None = None,
-        simulate: dict | None = None,
-        cache_dir: str = ".snvbert_cache",
-        chrom: str | None = None,
-        populations: str | None = None,
-        genetic_map: str | None = None,
-        window: dict | None = None,
-        context_bp: int = 250_000,
-        split: dict | None = None,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        persistent_workers: bool = False,
-        pin_memory: bool = False,
-        seed: int = 1,
-        val_mask: str = "fixed",
-        curriculum: dict | None = None,
-        retrieval: dict | None = None,
-        hmm: dict | None = None,
+        *,
+        panel: str | None,
+        sim_dir: str | None,
+        simulate: dict | None,
+        cache_dir: str,
+        chrom: str | None,
+        populations: str | None,
+        genetic_map: str | None,
+        window: dict,
+        context_bp: int,
+        split: dict,
+        batch_size: int,
+        num_workers: int,
+        persistent_workers: bool,
+        pin_memory: bool,
+        seed: int,
+        val_mask: str,
+        curriculum: dict,
+        retrieval: dict,
+        hmm: dict | None,
     ) -> None:
+        """Every argument is a key of ``conf/data/default.yaml``, the one place their values are
+        set: build it from the composed config (``hydra.utils.instantiate(cfg.data)``)."""
         super().__init__()
         if val_mask not in ("fixed", "per_epoch"):
             raise SnvbertError(f"data.val_mask='{val_mask}' must be 'fixed' or 'per_epoch'")
@@ -593,54 +345,19 @@ class SNVDataModule(L.LightningDataModule):
         self.cache_dir, self.chrom = cache_dir, chrom
         self.populations_path = populations
         self.genetic_map_path = genetic_map
-        self.window_cfg = {"length": 256, "overlap": 64, **(window or {})}
+        self.window_cfg = {"length": int(window["length"]), "overlap": int(window["overlap"])}
         self.context_bp = int(context_bp)
-        self.split_cfg = {"fractions": [0.8, 0.1, 0.1], "seed": seed, **(split or {})}
+        self.split_cfg = dict(split)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.pin_memory, self.seed, self.val_mask = pin_memory, int(seed), val_mask
-        cur = {"levels": [{"strategy": "array"}], **(curriculum or {})}
+        cur = dict(curriculum)
         levels = [M.MaskLevel(**dict(level)) for level in cur.pop("levels")]
         self.curriculum = Curriculum(levels, **cur)
-        self.retriever = Retriever(**(retrieval or {}))
-        # Li–Stephens copying posteriors over the neighbours, a fusion feature (None: off).
-        self.hmm = (
-            None
-            if hmm is None or not hmm.get("enabled", True)
-            else {
-                k: v if k in ("states", "select", "scope") else _ibs(v) if k == "ibs" else float(v)
-                for k, v in hmm.items()
-                if k != "enabled" and v is not None
-            }
-        )
-        if self.hmm is not None:
-            _check_hmm_err(self.hmm)
-        if self.hmm is not None and self.hmm.get("states", "neighbours") not in (
-            "neighbours",
-            "panel",
-        ):
-            raise SnvbertError(
-                f"data.hmm.states='{self.hmm['states']}' must be 'neighbours' or 'panel'"
-            )
-        if self.hmm is not None and self.hmm.get("select", "score") not in ("score", "posterior"):
-            raise SnvbertError(
-                f"data.hmm.select='{self.hmm['select']}' must be 'score' or 'posterior'"
-            )
-        if self.hmm is not None and self.hmm.get("select") == "posterior":
-            if self.hmm.get("states") != "panel":
-                raise SnvbertError("data.hmm.select=posterior needs data.hmm.states=panel")
-        if self.hmm is not None and "ibs" in self.hmm and self.hmm.get("states") != "panel":
-            raise SnvbertError("data.hmm.ibs needs data.hmm.states=panel (or ibs=null)")
-        if self.hmm is not None and self.hmm.get("scope", "context") not in (
-            "context",
-            "chromosome",
-        ):
-            raise SnvbertError(
-                f"data.hmm.scope='{self.hmm['scope']}' must be 'context' or 'chromosome'"
-            )
-        if self.hmm is not None and self.hmm.get("scope") == "chromosome":
-            if self.hmm.get("states") != "panel":
-                raise SnvbertError("data.hmm.scope=chromosome needs data.hmm.states=panel")
+        self.retriever = Retriever(**retrieval)
+        # The Li–Stephens HMM of the inputs (None: off); its ``auto`` values are made concrete
+        # for the panel in setup(), as imputation makes them for its reference.
+        self.hmm = None if hmm is None else HMMConfig.parse(hmm)
         self.panel = None
         self._samplers: dict[str, WindowBatchSampler] = {}
 
@@ -667,6 +384,11 @@ class SNVDataModule(L.LightningDataModule):
         self.panel = load_panel(
             self.panel_path, cache_dir=self.cache_dir, chrom=self.chrom, populations=pops
         )
+        if self.hmm is not None:
+            # The rules imputation applies to its reference, which by default is this whole
+            # panel: IBS states above 1,600 haplotypes, the rate an error-free array fits to.
+            self.hmm = self.hmm.resolved(self.panel.n_haps)
+            log.info("HMM: %s", self.hmm.to_dict())
         gmap = self.genetic_map_path
         if gmap is None and (Path(self.panel_path).parent / "map.plink").exists():
             gmap = str(Path(self.panel_path).parent / "map.plink")
@@ -703,7 +425,7 @@ class SNVDataModule(L.LightningDataModule):
             seed=self.seed,
             length=self.length,
             morgans=self.morgans,
-            hmm_chromosome=self.hmm is not None and self.hmm.get("scope") == "chromosome",
+            hmm_chromosome=self.hmm is not None and self.hmm.scope == "chromosome",
         )
         log.info(
             "data: %d sites, %d windows of %d (overlap %d), people train/val/test %d/%d/%d",
@@ -764,20 +486,13 @@ class SNVDataModule(L.LightningDataModule):
             batch = retrieve(batch, self.retriever, self.batch_hmm(training, step))
         return batch
 
-    def batch_hmm(self, training: bool, step: int) -> dict[str, Any] | None:
-        """The HMM settings of one batch: with ``err_max``, a training batch's mismatch rate.
-
-        Drawn log-uniformly from [err, err_max], a pure function of (seed, step) so a resumed run
-        draws the same; validation and test always use ``err``.
-        """
-        if self.hmm is None or "err_max" not in self.hmm:
-            return self.hmm
-        hmm = {k: v for k, v in self.hmm.items() if k != "err_max"}
-        if training:
-            u = np.random.default_rng((self.seed, M.TRAIN_STREAM, ERR_STREAM, step)).random()
-            lo, hi = math.log(self.hmm["err"]), math.log(self.hmm["err_max"])
-            hmm["err"] = math.exp(lo + u * (hi - lo))
-        return hmm
+    def batch_hmm(self, training: bool, step: int) -> HMMConfig | None:
+        """The HMM of one batch: with ``err_max``, a training batch's mismatch rate is drawn
+        log-uniformly from [err, err_max], a pure function of (seed, step) so a resumed run
+        draws the same; validation and test always use ``err``."""
+        if self.hmm is None:
+            return None
+        return self.hmm.for_step(self.seed, M.TRAIN_STREAM, step if training else None)
 
     # -- state that must survive a resume -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -801,13 +516,8 @@ class SNVDataModule(L.LightningDataModule):
             "context_bp": self.context_bp,
             "train_samples": [self.panel.samples[i] for i in self.splits["train"]],
             "levels": [asdict(level) for level in self.curriculum.levels],
-            "retrieval": {
-                "k": self.retriever.k,
-                "engine": self.retriever.engine,
-                "index": self.retriever.index,
-                "feature_sites": self.retriever.feature_sites,
-            },
-            "hmm": self.hmm,
+            "retrieval": self.retriever.settings(),
+            "hmm": None if self.hmm is None else self.hmm.to_dict(),
             "genetic_map": self.genetic_map_used,
             "seed": self.seed,
         }

@@ -14,6 +14,9 @@ Strategies:
   sites with MAF >= ``min_maf`` — is drawn per (seed, stream, epoch) for the whole chromosome and
   shared by every haplotype and window; everything else is hidden. ``missing_rate`` hides typed
   calls at random per haplotype, and ``error_rate`` flips typed alleles, as real chips do.
+
+The retrieval's tie-break scores (:func:`tie_jitter`) are drawn the same way, keyed on
+(seed, stream, epoch, window).
 """
 
 from __future__ import annotations
@@ -156,3 +159,13 @@ def fingerprint(*masks: np.ndarray) -> str:
     for mask in masks:
         digest.update(np.packbits(np.asarray(mask, dtype=bool)).tobytes())
     return digest.hexdigest()[:12]
+
+
+def tie_jitter(n_panel: int, *, seed: int, stream: int, epoch: int, window: int) -> np.ndarray:
+    """Seeded tie-breaking scores in [0, 0.5), one per panel haplotype, float32.
+
+    Smaller than one agreement, so retrieval's ranking by inner product never reorders distinct
+    distances; never panel order, which in panels sorted by population would favour one ancestry.
+    """
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, stream, epoch & 0xFFFFFFFF, window, 0x71E])
+    return (rng.random(n_panel) * 0.5).astype(np.float32)
