@@ -16,9 +16,9 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score
 
-# Minor-allele-frequency bin edges; bins [0,.001) [.001,.005) [.005,.01) [.01,.05) [.05,.5].
-# The one definition: evaluate's tables and simulate's manifest spectrum import it.
-MAF_EDGES: tuple[float, ...] = (0.0, 0.001, 0.005, 0.01, 0.05, 0.5)
+from snvbert.maf import MAF_EDGES
+
+# Bins [0,.001) [.001,.005) [.005,.01) [.01,.05) [.05,.5] (edges: snvbert.maf, the one definition).
 MAF_BIN_NAMES: tuple[str, ...] = tuple(
     f"r2_maf_{lo:g}_{hi:g}" for lo, hi in zip(MAF_EDGES[:-1], MAF_EDGES[1:], strict=True)
 )

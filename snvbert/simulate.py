@@ -29,7 +29,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from snvbert.errors import SnvbertError
-from snvbert.metrics import MAF_EDGES as MAF_BINS
+from snvbert.maf import MAF_EDGES as MAF_BINS
 from snvbert.utils.cli import user_errors_exit
 from snvbert.utils.io import atomic_path, write_bgzipped_vcf
 

@@ -38,9 +38,7 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [
-        build(node)
-        for node in cfg.values()
-        if isinstance(node, DictConfig) and "_target_" in node
+        build(node) for node in cfg.values() if isinstance(node, DictConfig) and "_target_" in node
     ]
 
 

@@ -38,7 +38,7 @@ Added by retrieval (``SNVDataModule.on_after_batch_transfer``, on the batch's de
                                   the retrieval context) where the neighbour agrees with the query
 - ``nbr_right``  (B, K, L) float  the same to the right
 - ``nbr_hmm``    (B, K, L) float  Li–Stephens posterior of copying each neighbour at each site
-                                  (when ``data.hmm.enabled``); sums to 1 over valid neighbours with
+                                  (unless ``data.hmm=null``); sums to 1 over valid neighbours with
                                   ``data.hmm.states=neighbours``, to the neighbours' share of the
                                   posterior (<= 1) with ``states=panel``
 - ``hmm_dose``   (B, L)    float  the HMM's own P(ALT) at each site: its posterior summed over the

@@ -407,7 +407,7 @@ class SNVBertNet(nn.Module):
         if self.config.hmm_skip and nbr is not None:
             if "hmm_dose" not in batch:
                 raise ValueError(
-                    "model.hmm_skip needs the HMM's dosage in the batch (data.hmm.enabled=true); "
+                    "model.hmm_skip needs the HMM's dosage in the batch (data.hmm, not null); "
                     "set model.hmm_skip=false to train without it"
                 )
             dose = batch["hmm_dose"].float()
