@@ -45,6 +45,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from snvbert.config import compose
 from snvbert.data.batch import assemble_batch, panel_inputs
 from snvbert.data.encoding import call_code
 from snvbert.data.genetic_map import genetic_positions
@@ -355,28 +356,48 @@ def impute(
     target: str | Path,
     out: str | Path,
     *,
-    batch_size: int = 16,
-    device: str = "auto",
-    precision: str = "auto",
-    reference: str = "all",
+    batch_size: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    reference: str | None = None,
     k: int | None = None,
     genetic_map: str | Path | None = None,
-    hmm_err: str | float = "auto",
-    hmm_states: str = "auto",
-    cache_dir: str | Path = ".snvbert_cache",
-    progress: bool = True,
+    hmm_err: str | float | None = None,
+    hmm_states: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Impute ``target`` against ``panel`` with the model in ``ckpt``; write ``out``.
 
-    ``reference`` chooses the retrieval panel: ``all`` panel people (the targets are outside
-    people, as for Beagle) or only the ``train`` people of the checkpoint. ``k`` neighbours per
-    query (None: as in training). ``genetic_map`` a PLINK map for the HMM feature's switch
-    rates (None: the map the model was trained with, if any). ``hmm_err`` the HMM feature's
-    mismatch rate: ``auto`` fits it to the targets (:func:`fit_hmm_err`), ``train`` keeps the
-    training value, a number sets it. ``hmm_states`` the panel-state HMM's states
-    (:func:`_resolve_hmm_states`). Returns a summary: site counts by kind and every adjustment.
+    Each setting left out (None) takes its value from ``conf/impute.yaml``, as the command
+    does: ``batch_size`` target people per batch; ``device`` and ``precision``; ``reference``
+    the retrieval panel: ``all`` panel people (the targets are outside people, as for Beagle)
+    or only the ``train`` people of the checkpoint; ``k`` neighbours per query (the YAML's
+    null: as in training); ``genetic_map`` a PLINK map for the HMM's switch rates (null: the
+    map the model was trained with, if any); ``hmm_err`` the HMM's mismatch rate: ``auto`` fits
+    it to the targets (:func:`fit_hmm_err`), ``train`` keeps the training value, a number sets
+    it; ``hmm_states`` the panel-state HMM's states (:func:`_resolve_hmm_states`);
+    ``cache_dir`` and ``progress``. Returns a summary: site counts by kind and every adjustment.
     """
+    yaml = compose("impute")
+    given = {
+        "batch_size": batch_size,
+        "device": device,
+        "precision": precision,
+        "reference": reference,
+        "genetic_map": genetic_map,
+        "hmm_err": hmm_err,
+        "hmm_states": hmm_states,
+        "cache_dir": cache_dir,
+        "progress": progress,
+    }
+    setting = {key: yaml[key] if v is None else v for key, v in given.items()}
+    batch_size, device, precision = setting["batch_size"], setting["device"], setting["precision"]
+    reference, genetic_map = setting["reference"], setting["genetic_map"]
+    hmm_err, hmm_states = setting["hmm_err"], str(setting["hmm_states"])
+    cache_dir, progress = setting["cache_dir"], bool(setting["progress"])
+    k = yaml.retrieval.k if k is None else k
     started = time.perf_counter()
     panel_path, target_path, out = Path(panel), Path(target), Path(out)
     if reference not in ("all", "train"):

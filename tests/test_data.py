@@ -284,7 +284,7 @@ def test_curriculum_advances_and_validation_uses_final_level(tiny_sim, cache_dir
 
 def test_curriculum_plateau():
     levels = [M.MaskLevel("random", 0.1), M.MaskLevel("random", 0.3), M.MaskLevel("array")]
-    c = Curriculum(levels, advance="plateau", patience=2, min_delta=0.01)
+    c = Curriculum(levels, advance="plateau", epochs_per_level=1, patience=2, min_delta=0.01)
     assert not c.step(1.0) and not c.step(0.9) and not c.step(0.895)
     assert c.step(0.899) and c.level == 1
     assert [c.step(0.5), c.step(0.5), c.step(0.5)] == [False, False, True]

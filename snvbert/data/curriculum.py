@@ -23,11 +23,13 @@ class Curriculum:
     def __init__(
         self,
         levels: Sequence[MaskLevel],
-        advance: str = "epochs",
-        epochs_per_level: int = 1,
-        patience: int = 1,
-        min_delta: float = 0.0,
+        *,
+        advance: str,
+        epochs_per_level: int,
+        patience: int,
+        min_delta: float,
     ) -> None:
+        """Settings as ``data.curriculum`` gives them (the YAML holds every value)."""
         if not levels:
             raise SnvbertError("data.curriculum.levels is empty: give at least the array task")
         if advance not in ADVANCE_MODES:
