@@ -10,8 +10,6 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from snvbert.data import masks as M
-
 log = logging.getLogger(__name__)
 
 
@@ -76,16 +74,8 @@ class MaskEpochs(L.Callback):
 
     @staticmethod
     def val_fingerprint(dm: Any) -> str:
-        """Fingerprint of the validation chip: unchanged across epochs when val masks are fixed.
-
-        The chip is the one validation batches are masked with: ``dm.dataset.chip`` for the
-        validation sampler's stream and mask epoch at the final level.
-        """
-        final = dm.curriculum.levels[-1]
-        sampler = dm.sampler("val")
-        if final.strategy != "array":
-            return f"{final.strategy}@epoch{sampler.mask_epoch}"
-        return M.fingerprint(dm.dataset.chip(sampler.stream, sampler.mask_epoch, final))
+        """Fingerprint of the validation chip (:meth:`SNVDataModule.val_fingerprint`)."""
+        return dm.val_fingerprint()
 
     def on_train_batch_end(
         self,

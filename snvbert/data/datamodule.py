@@ -456,6 +456,16 @@ class SNVDataModule(L.LightningDataModule):
             )
         return self._samplers[split]
 
+    def val_fingerprint(self) -> str:
+        """A fingerprint of the masks validation measures with: the chip of the final (array)
+        level as validation batches are masked with it, ``strategy@epochN`` for another level.
+        Unchanged across epochs when validation masks are fixed."""
+        final = self.curriculum.levels[-1]
+        sampler = self.sampler("val")
+        if final.strategy != "array":
+            return f"{final.strategy}@epoch{sampler.mask_epoch}"
+        return M.fingerprint(self.dataset.chip(sampler.stream, sampler.mask_epoch, final))
+
     def _loader(self, split: str) -> DataLoader:
         if len(self.splits[split]) == 0:
             raise SnvbertError(f"the {split} split has no people; change data.split.fractions")

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from snvbert.data import masks as M
 from snvbert.health.checks import FusionFigures
 from snvbert.model.schedule import FACTORS, lr_at
 
@@ -177,19 +176,9 @@ def alignment_counts(
 
 
 def val_chip_fingerprint(dm: Any) -> str | None:
-    """A fingerprint of the masks validation measures with, from the datamodule itself: the
-    chip of its final (array) level, as ``dm.dataset.chip`` draws it for the validation
-    sampler's stream and mask epoch; ``strategy@epochN`` for a non-array level. None for a
-    datamodule without curriculum, samplers and ``dataset.chip``.
-
-    ``snvbert.callbacks.MaskEpochs.val_fingerprint`` logs the same figure at each epoch start.
-    """
-    curriculum = getattr(dm, "curriculum", None)
-    chip = getattr(getattr(dm, "dataset", None), "chip", None)
-    if curriculum is None or chip is None or not hasattr(dm, "sampler"):
-        return None
-    final = curriculum.levels[-1]
-    sampler = dm.sampler("val")
-    if final.strategy != "array":
-        return f"{final.strategy}@epoch{sampler.mask_epoch}"
-    return M.fingerprint(chip(sampler.stream, sampler.mask_epoch, final))
+    """A fingerprint of the masks validation measures with
+    (:meth:`snvbert.data.datamodule.SNVDataModule.val_fingerprint`, which
+    ``snvbert.callbacks.MaskEpochs`` also logs at each epoch start); None for a datamodule
+    without one."""
+    fingerprint = getattr(dm, "val_fingerprint", None)
+    return None if fingerprint is None else fingerprint()
