@@ -14,6 +14,12 @@ import torch
 from torch import Tensor
 
 
+def pad_sites(x: Tensor, length: int) -> Tensor:
+    """``x`` (..., W) zero-padded on its last (site) axis to the window ``length``."""
+    pad = length - x.shape[-1]
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
 def site_interpolation(
     cols: Tensor, morgan: Tensor, first: int, n_sites: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -78,8 +84,7 @@ def panel_dosage(
     else:
         left, right, w = site_interpolation(cols, ctx_morgan, win_offset, win_len)
         dose = interpolated_dosage(panel_post, alt, left, right, w)
-    pad = length - win_len
-    return torch.nn.functional.pad(dose, (0, pad)) if pad else dose
+    return pad_sites(dose, length)
 
 
 def chromosome_dosage(
@@ -129,8 +134,7 @@ def neighbour_posteriors(
     post = post * valid[:, :, None]
     left, right, w = site_interpolation(cols, ctx_morgan, win_offset, win_len)
     post_w = (1 - w) * post.index_select(2, left) + w * post.index_select(2, right)
-    pad = length - win_len
-    return torch.nn.functional.pad(post_w, (0, pad)) if pad else post_w
+    return pad_sites(post_w, length)
 
 
 def uniform_neighbour_posteriors(valid: Tensor, win_len: int, length: int) -> Tensor:
@@ -138,8 +142,7 @@ def uniform_neighbour_posteriors(valid: Tensor, win_len: int, length: int) -> Te
     valid_f = valid.float()
     post = (valid_f / valid_f.sum(1, keepdim=True).clamp(min=1.0))[:, :, None]
     post = post.expand(*valid.shape, win_len)
-    pad = length - win_len
-    return torch.nn.functional.pad(post, (0, pad)) if pad else post
+    return pad_sites(post, length)
 
 
 def select_by_posterior(
