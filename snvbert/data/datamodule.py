@@ -8,6 +8,12 @@ epoch travels to the workers inside each descriptor: persistent workers, fresh w
 epoch 0 all see the same mask, the pure function of that epoch. No attribute is ever set on a
 dataset copy living in a worker. :class:`snvbert.callbacks.MaskEpochs` checks this at each epoch
 start and steps the curriculum at each epoch end.
+
+Batches are built by :mod:`snvbert.data.batch` (as imputation builds its own), and
+:func:`snvbert.data.retrieval.retrieve` adds the neighbours and the HMM's read-outs once a batch is
+on its device (``on_after_batch_transfer``). With ``data.hmm.scope=chromosome`` an array batch
+carries the chip's calls over the whole chromosome, for the same :class:`snvbert.hmm.ChromosomeHMM`
+imputation runs.
 """
 
 from __future__ import annotations
