@@ -36,6 +36,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from snvbert.config import compose
 from snvbert.data.vcf import load_panel, read_target
 from snvbert.errors import SnvbertError
 from snvbert.metrics import MAF_BIN_NAMES, MAF_EDGES, maf_bin
@@ -273,17 +274,23 @@ def evaluate(
     compare: Sequence[str | os.PathLike] = (),
     labels: Sequence[str] | None = None,
     out_dir: str | os.PathLike | None = None,
-    bootstrap: int = 0,
+    bootstrap: int | None = None,
     *,
-    dr2_field: str = "auto",
-    cache_dir: str | os.PathLike = ".snvbert_cache",
+    dr2_field: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Score ``imputed`` (and every ``compare`` file) against ``truth`` on the imputed sites.
 
-    Returns ``{"sites": ..., "people": ..., "inputs": {label: metrics}}``; with ``out_dir``,
-    also writes ``evaluate.json``, ``r2_by_maf.png`` and ``calibration.png`` there.
+    ``bootstrap``, ``dr2_field`` and ``cache_dir`` left out (None) take ``conf/evaluate.yaml``'s
+    values, as the command does. Returns ``{"sites": ..., "people": ..., "inputs": {label:
+    metrics}}``; with ``out_dir``, also writes ``evaluate.json``, ``r2_by_maf.png`` and
+    ``calibration.png`` there.
     """
+    yaml = compose("evaluate")
+    bootstrap = int(yaml.bootstrap if bootstrap is None else bootstrap)
+    dr2_field = str(yaml.dr2_field if dr2_field is None else dr2_field)
+    cache_dir = yaml.cache_dir if cache_dir is None else cache_dir
     files = [Path(imputed), *(Path(c) for c in compare)]
     names = list(labels) if labels else [_label(f) for f in files]
     if len(names) != len(files):
