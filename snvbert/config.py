@@ -54,6 +54,13 @@ def compose(
         return hydra_compose(name, overrides=args)
 
 
+def filled(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with each None replaced by config ``name``'s value at that key (a dotted path
+    for a nested one): a Python function's settings left out are the command's defaults."""
+    cfg = compose(name)
+    return {key: OmegaConf.select(cfg, key) if v is None else v for key, v in given.items()}
+
+
 def build(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, with a configuration error raised as itself: Hydra wraps
     whatever a constructor raises, and the commands print a :class:`SnvbertError` as one line."""

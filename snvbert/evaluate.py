@@ -36,7 +36,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from snvbert.config import compose
+from snvbert.config import filled
 from snvbert.data.vcf import load_panel, read_target
 from snvbert.errors import SnvbertError
 from snvbert.metrics import MAF_BIN_NAMES, MAF_EDGES, maf_bin
@@ -287,10 +287,11 @@ def evaluate(
     metrics}}``; with ``out_dir``, also writes ``evaluate.json``, ``r2_by_maf.png`` and
     ``calibration.png`` there.
     """
-    yaml = compose("evaluate")
-    bootstrap = int(yaml.bootstrap if bootstrap is None else bootstrap)
-    dr2_field = str(yaml.dr2_field if dr2_field is None else dr2_field)
-    cache_dir = yaml.cache_dir if cache_dir is None else cache_dir
+    setting = filled(
+        "evaluate", {"bootstrap": bootstrap, "dr2_field": dr2_field, "cache_dir": cache_dir}
+    )
+    bootstrap, dr2_field = int(setting["bootstrap"]), str(setting["dr2_field"])
+    cache_dir = setting["cache_dir"]
     files = [Path(imputed), *(Path(c) for c in compare)]
     names = list(labels) if labels else [_label(f) for f in files]
     if len(names) != len(files):

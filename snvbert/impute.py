@@ -45,7 +45,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from snvbert.config import compose
+from snvbert.config import filled
 from snvbert.data.batch import assemble_batch, panel_inputs
 from snvbert.data.encoding import call_code
 from snvbert.data.genetic_map import genetic_positions
@@ -380,24 +380,25 @@ def impute(
     it; ``hmm_states`` the panel-state HMM's states (:func:`_resolve_hmm_states`);
     ``cache_dir`` and ``progress``. Returns a summary: site counts by kind and every adjustment.
     """
-    yaml = compose("impute")
-    given = {
-        "batch_size": batch_size,
-        "device": device,
-        "precision": precision,
-        "reference": reference,
-        "genetic_map": genetic_map,
-        "hmm_err": hmm_err,
-        "hmm_states": hmm_states,
-        "cache_dir": cache_dir,
-        "progress": progress,
-    }
-    setting = {key: yaml[key] if v is None else v for key, v in given.items()}
+    setting = filled(
+        "impute",
+        {
+            "batch_size": batch_size,
+            "device": device,
+            "precision": precision,
+            "reference": reference,
+            "retrieval.k": k,
+            "genetic_map": genetic_map,
+            "hmm_err": hmm_err,
+            "hmm_states": hmm_states,
+            "cache_dir": cache_dir,
+            "progress": progress,
+        },
+    )
     batch_size, device, precision = setting["batch_size"], setting["device"], setting["precision"]
-    reference, genetic_map = setting["reference"], setting["genetic_map"]
+    reference, k, genetic_map = setting["reference"], setting["retrieval.k"], setting["genetic_map"]
     hmm_err, hmm_states = setting["hmm_err"], str(setting["hmm_states"])
     cache_dir, progress = setting["cache_dir"], bool(setting["progress"])
-    k = yaml.retrieval.k if k is None else k
     started = time.perf_counter()
     panel_path, target_path, out = Path(panel), Path(target), Path(out)
     if reference not in ("all", "train"):

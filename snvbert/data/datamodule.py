@@ -339,7 +339,8 @@ class SNVDataModule(L.LightningDataModule):
         hmm: dict | None,
     ) -> None:
         """Every argument is a key of ``conf/data/default.yaml``, the one place their values are
-        set: build it from the composed config (``hydra.utils.instantiate(cfg.data)``)."""
+        set: build it from the composed config (:func:`snvbert.config.datamodule`, or
+        ``hydra.utils.instantiate(cfg.data)``)."""
         super().__init__()
         if val_mask not in ("fixed", "per_epoch"):
             raise SnvbertError(f"data.val_mask='{val_mask}' must be 'fixed' or 'per_epoch'")
