@@ -62,14 +62,6 @@ class ChromosomeHMM:
         morgan = torch.from_numpy(np.asarray(morgans[typed_sites], dtype=np.float64)).to(device)
         return cls(states, morgan, ne=ne, ibs=ibs)
 
-    @property
-    def n_states(self) -> int:
-        return self.states.shape[1]
-
-    def columns(self, cols: slice) -> ChromosomeHMM:
-        """The same HMM over a run of its columns (the jump into the first one dropped)."""
-        return ChromosomeHMM(self.states[cols], self.morgan[cols], ne=self.ne, ibs=self.ibs)
-
     def allowed_states(self, query: Tensor, allowed: Tensor) -> Tensor:
         """(B, N) bool the states each query copies: ``allowed``, narrowed by IBS when set.
 
