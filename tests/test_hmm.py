@@ -12,12 +12,12 @@ from snvbert.hmm import (
     ChromosomeHMM,
     HMMConfig,
     IBSConfig,
-    chromosome_dosage,
     context_posteriors,
     copying_posteriors,
     estimate_err,
     forward_backward,
     ibs_states,
+    kernel,
     li_stephens_err,
     panel_dosage,
     switch_probabilities,
@@ -292,15 +292,35 @@ def test_forward_backward_matches_the_oracle_with_missing_calls_and_disallowed_s
     assert np.allclose(post.permute(2, 0, 1).numpy(), expected, atol=1e-5)
     assert float(post.masked_select(~torch.from_numpy(allowed)[:, :, None]).abs().max()) == 0.0
     assert torch.allclose(post.sum(1), torch.ones(b, n_cols), atol=1e-5)
+    # The compiled CPU pass, each query over its own states only, is the same HMM.
+    compact = kernel.posteriors(state_cols.numpy(), query.numpy(), allowed, switch.numpy(), 0.01)
+    assert list(compact.n) == list(allowed.sum(1))
+    assert np.allclose(compact.dense(n_states).transpose(2, 0, 1), expected, atol=1e-5)
+    # ... and its EM statistic is the posterior mass on mismatching observed alleles.
+    differs = (state_cols.numpy().T[None] != query.numpy().T[:, None]) & (
+        query.numpy().T[:, None] != 0
+    )
+    want = (expected.transpose(1, 2, 0) * differs).sum((1, 2))
+    got = kernel.mismatches(state_cols.numpy(), query.numpy(), allowed, switch.numpy(), 0.01)
+    assert np.allclose(got, want, rtol=1e-4)
+    torch_err = estimate_err(
+        state_cols, query, torch.from_numpy(allowed), switch, start=0.01, batch=2
+    )
+    kernel_err = estimate_err(
+        state_cols, query, torch.from_numpy(allowed), switch, start=0.01, batch=2, compiled=True
+    )
+    assert kernel_err == pytest.approx(torch_err, rel=1e-4)
 
 
 def test_chromosome_hmm_reads_out_every_site_as_the_oracle_interpolates(tiny_sim, cache_dir):
     """ChromosomeHMM over a real panel's typed sites, read out at every panel site
-    (chromosome_dosage, the classical imputer's read-out): the oracle's posteriors interpolated
-    linearly in genetic position, summed over ALT carriers. Its EM fit falls to Li and
-    Stephens' rate on error-free calls copied from panel haplotypes."""
+    (kernel.sparse_dosage, the classical imputer's read-out, summing only each site's
+    minor-allele carriers): the oracle's posteriors interpolated linearly in genetic position,
+    summed over ALT carriers. Its EM fit falls to Li and Stephens' rate on error-free calls
+    copied from panel haplotypes."""
     from snvbert.data.genetic_map import genetic_positions
     from snvbert.data.vcf import load_panel
+    from snvbert.hmm.readout import site_interpolation
 
     pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache_dir, progress=False)
     morgans = genetic_positions(pan.pos, tiny_sim / "map.plink")
@@ -310,8 +330,15 @@ def test_chromosome_hmm_reads_out_every_site_as_the_oracle_interpolates(tiny_sim
     truth = np.asarray(pan.haplotypes[typed])[:, :4].astype(np.int8)  # (U, 4)
     query = torch.from_numpy(2 * truth - 1)
     allowed = torch.ones(4, len(refs), dtype=torch.bool)
-    post = hmm.posteriors(query, allowed, 0.01)  # (4, N, U)
-    dose = chromosome_dosage(post, typed, morgans, pan.haplotypes, refs, chunk=97)
+    post = hmm.compact_posteriors(query, allowed, 0.01)
+    carriers_csr = kernel.MinorCarriers.from_panel(pan.haplotypes, refs, chunk=97)
+    left, right, w = site_interpolation(
+        torch.from_numpy(typed), torch.from_numpy(morgans), 0, pan.n_sites
+    )
+    dose = kernel.sparse_dosage(
+        post, carriers_csr, len(refs), left.numpy(), right.numpy(), w.numpy()
+    )
+    assert carriers_csr.minor_alt.any() and not carriers_csr.minor_alt.all()  # both codings met
     alleles = np.asarray(pan.haplotypes[typed])[:, refs]
     switch = oracle_switch(np.diff(morgans[typed], prepend=morgans[typed][0]), 50_000.0, len(refs))
     oracle = posteriors(truth, alleles, switch, 0.01)  # (U, 4, N)

@@ -2,13 +2,15 @@
 
 A query haplotype is a mosaic of the reference haplotypes it copies (Li & Stephens 2003). The
 package is split as Beagle 5's ``imp/`` is, one concept a module, each step written once, in
-torch, device-agnostic:
+torch, device-agnostic (and, for the CPU, compiled in :mod:`~snvbert.hmm.kernel`):
 
 - :mod:`~snvbert.hmm.config` — the settings (``data.hmm``; :class:`HMMConfig`,
   :class:`IBSConfig` with Beagle's defaults) and their checks; the rule that picks IBS states.
 - :mod:`~snvbert.hmm.model` — the transition (switch) and emission (mismatch) model.
 - :mod:`~snvbert.hmm.states` — Beagle's IBS state selection (``ImpIbs``).
-- :mod:`~snvbert.hmm.forward_backward` — the scaled forward–backward (``ImpLSBaum``).
+- :mod:`~snvbert.hmm.forward_backward` — the scaled forward–backward (``ImpLSBaum``), torch.
+- :mod:`~snvbert.hmm.kernel` — the same pass compiled for the CPU (numba), each query over its
+  own states, and the sparse read-out at untyped sites (minor-allele carriers only).
 - :mod:`~snvbert.hmm.em` — the mismatch rate fitted to the targets by EM.
 - :mod:`~snvbert.hmm.readout` — posteriors read out at untyped sites (interpolated in genetic
   position), at the retrieved neighbours, and as P(ALT).
@@ -27,7 +29,6 @@ from snvbert.hmm.em import estimate_err
 from snvbert.hmm.forward_backward import forward_backward
 from snvbert.hmm.model import li_stephens_err, switch_probabilities
 from snvbert.hmm.readout import (
-    chromosome_dosage,
     interpolated_dosage,
     neighbour_posteriors,
     panel_dosage,
@@ -43,7 +44,6 @@ __all__ = [
     "ChromosomeHMM",
     "HMMConfig",
     "IBSConfig",
-    "chromosome_dosage",
     "context_posteriors",
     "copying_posteriors",
     "estimate_err",

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from snvbert.data.encoding import plus_minus
+from snvbert.hmm import kernel
 from snvbert.hmm.config import IBSConfig
 from snvbert.hmm.em import estimate_err
 from snvbert.hmm.forward_backward import forward_backward
@@ -74,10 +75,32 @@ class ChromosomeHMM:
     def posteriors(self, query: Tensor, allowed: Tensor, err: float) -> Tensor:
         """State posteriors (B, N, U) of queries (U, B) (+-1, 0 unobserved).
 
-        ``allowed`` (B, N) bool the states a query may copy (never its own person's).
+        ``allowed`` (B, N) bool the states a query may copy (never its own person's). On a
+        CPU the compiled kernel runs over each query's own states (:mod:`snvbert.hmm.kernel`),
+        on a GPU the torch pass over all N with a mask; the same arithmetic.
         """
         state_ok = self.allowed_states(query, allowed)
-        return forward_backward(self.states, query, state_ok, self.switch, err)
+        if self.states.device.type != "cpu":
+            return forward_backward(self.states, query, state_ok, self.switch, err)
+        compact = self._kernel_posteriors(query, state_ok, err)
+        return torch.from_numpy(compact.dense(self.states.shape[1]))
+
+    def compact_posteriors(
+        self, query: Tensor, allowed: Tensor, err: float
+    ) -> kernel.CompactPosteriors:
+        """As :meth:`posteriors`, over each query's own states only (CPU; numpy arrays)."""
+        return self._kernel_posteriors(query, self.allowed_states(query, allowed), err)
+
+    def _kernel_posteriors(
+        self, query: Tensor, state_ok: Tensor, err: float
+    ) -> kernel.CompactPosteriors:
+        return kernel.posteriors(
+            self.states.cpu().numpy(),
+            query.cpu().numpy(),
+            state_ok.cpu().numpy(),
+            self.switch.cpu().numpy(),
+            err,
+        )
 
     def fit_err(
         self,
@@ -93,7 +116,15 @@ class ChromosomeHMM:
         (4 bytes a state and column), the posterior product and the mismatch mask.
         """
         batch = max(1, memory_bytes // max(1, self.states.numel() * 12))
-        return estimate_err(self.states, query, allowed, self.switch, start=start, batch=batch)
+        return estimate_err(
+            self.states,
+            query,
+            allowed,
+            self.switch,
+            start=start,
+            batch=batch,
+            compiled=self.states.device.type == "cpu",
+        )
 
     @staticmethod
     def fits(

@@ -4,7 +4,8 @@ Each target haplotype is modelled as a mosaic of the panel's haplotypes; the for
 over the typed sites (:class:`~snvbert.hmm.chromosome.ChromosomeHMM`, the engine snvbert's own
 imputation runs) gives each state's posterior there, an untyped site takes it interpolated in
 genetic position between its flanking typed sites, and P(ALT) is the posterior mass on panel
-haplotypes carrying ALT (:func:`~snvbert.hmm.readout.chromosome_dosage`). It reads targets and
+haplotypes carrying ALT, summed over the carriers of each site's minor allele only
+(:func:`~snvbert.hmm.kernel.sparse_dosage`; the compiled CPU kernels of :mod:`snvbert.hmm.kernel`). It reads targets and
 writes VCFs as :mod:`snvbert.impute` does (:mod:`snvbert.data.sites`,
 :mod:`snvbert.data.vcf_writer`), and needs neither the network nor Lightning nor Hydra.
 """
@@ -24,9 +25,10 @@ from snvbert.data.genetic_map import genetic_positions
 from snvbert.data.sites import prepare_target
 from snvbert.data.vcf import load_panel
 from snvbert.data.vcf_writer import write_imputed
+from snvbert.hmm import kernel
 from snvbert.hmm.chromosome import ChromosomeHMM
 from snvbert.hmm.config import IBSConfig
-from snvbert.hmm.readout import chromosome_dosage
+from snvbert.hmm.readout import site_interpolation
 
 # The mismatch rate EM starts from.
 ERR_START = 0.002
@@ -41,7 +43,7 @@ def impute_hmm(
     ne: float = 150_000.0,  # measured best of 20k-600k on the 5 Mb scenario (seed 1)
     err: float | str = "auto",
     ibs: IBSConfig | None = None,
-    batch_haps: int = 32,
+    batch_haps: int = 128,
     cache_dir: str | os.PathLike = ".snvbert_cache",
     progress: bool = True,
 ) -> dict[str, int | float]:
@@ -64,6 +66,16 @@ def impute_hmm(
     err = float(err)
 
     probs = np.empty((pan.n_sites, calls.shape[1]), dtype=np.float32)
+    carriers = kernel.MinorCarriers.from_panel(pan.haplotypes, every)
+    left, right, w = (
+        t.numpy()
+        for t in site_interpolation(
+            torch.from_numpy(np.asarray(typed, dtype=np.int64)),
+            torch.from_numpy(np.asarray(morgans, dtype=np.float64)),
+            0,
+            pan.n_sites,
+        )
+    )
     for start in tqdm(
         range(0, calls.shape[1], batch_haps),
         desc="HMM",
@@ -73,8 +85,8 @@ def impute_hmm(
         cols = slice(start, min(start + batch_haps, calls.shape[1]))
         q = query[:, cols]
         allowed = torch.ones(q.shape[1], pan.n_haps, dtype=torch.bool)
-        post = hmm.posteriors(q, allowed, err)  # (B, N, m)
-        probs[:, cols] = chromosome_dosage(post, typed, morgans, pan.haplotypes, every)
+        post = hmm.compact_posteriors(q, allowed, err)  # each query over its own states
+        probs[:, cols] = kernel.sparse_dosage(post, carriers, pan.n_haps, left, right, w)
     n = write_imputed(
         Path(out),
         pan,

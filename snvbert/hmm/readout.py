@@ -9,7 +9,6 @@ through the states' alleles, never by running the HMM at them).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -85,34 +84,6 @@ def panel_dosage(
         left, right, w = site_interpolation(cols, ctx_morgan, win_offset, win_len)
         dose = interpolated_dosage(panel_post, alt, left, right, w)
     return pad_sites(dose, length)
-
-
-def chromosome_dosage(
-    post: Tensor,
-    typed_sites: np.ndarray,
-    morgans: np.ndarray,
-    haplotypes: np.ndarray,
-    ref_haps: np.ndarray,
-    *,
-    chunk: int = 2048,
-) -> np.ndarray:
-    """P(ALT) (n_sites, B) at every panel site, from posteriors (B, N, U) at the typed sites.
-
-    typed_sites (U,) the HMM's columns as panel site indices; morgans (n_sites,) genetic
-    positions; haplotypes (n_sites, n_haps) 0/1 (memory-mapped: read ``chunk`` sites at a time);
-    ref_haps (N,) the columns of ``haplotypes`` that are the HMM's states.
-    """
-    n_sites = haplotypes.shape[0]
-    cols = torch.from_numpy(np.asarray(typed_sites, dtype=np.int64)).to(post.device)
-    morgan = torch.from_numpy(np.asarray(morgans, dtype=np.float64)).to(post.device)
-    out = np.empty((n_sites, post.shape[0]), dtype=np.float32)
-    for lo in range(0, n_sites, chunk):
-        hi = min(lo + chunk, n_sites)
-        rows = np.asarray(haplotypes[lo:hi])[:, ref_haps]  # (W, N)
-        alt = torch.from_numpy(np.ascontiguousarray(rows.T)).to(post.device, torch.float32)
-        left, right, w = site_interpolation(cols, morgan, lo, hi - lo)
-        out[lo:hi] = interpolated_dosage(post, alt, left, right, w).T.cpu().numpy()
-    return out
 
 
 def neighbour_posteriors(
