@@ -43,7 +43,6 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from snvbert.config import filled
 from snvbert.data.batch import assemble_batch, panel_inputs
@@ -55,8 +54,16 @@ from snvbert.data.vcf import Panel, load_panel
 from snvbert.data.vcf_writer import write_imputed
 from snvbert.data.windows import make_windows
 from snvbert.errors import SnvbertError
-from snvbert.hmm import HMM_MEMORY_BYTES, ChromosomeHMM, HMMConfig, IBSConfig, ibs_by_default
+from snvbert.hmm import (
+    HMM_MEMORY_BYTES,
+    ChromosomeHMM,
+    HMMConfig,
+    IBSConfig,
+    ibs_by_default,
+    kernel,
+)
 from snvbert.utils.cli import user_errors_exit
+from snvbert.utils.progress import progress as progress_bar
 
 log = logging.getLogger("snvbert.impute")
 
@@ -182,7 +189,6 @@ def predict(
     ref_haps = np.stack([2 * ref_persons, 2 * ref_persons + 1], 1).ravel()
     n_targets = len(query_persons)
     probs = np.full((panel.n_sites, 2 * n_targets), np.nan, dtype=np.float32)
-    chunks = [np.arange(i, min(i + batch_size, n_targets)) for i in range(0, n_targets, batch_size)]
     hmm = model.hmm
     if hmm is not None and hmm_err is not None:
         hmm = replace(hmm, err=float(hmm_err))
@@ -203,66 +209,88 @@ def predict(
             )
         else:
             log.info("the chromosome-wide HMM would not fit in memory: the HMM runs per window")
-
-    bar = tqdm(
-        total=len(windows) * len(chunks),
-        desc="imputing",
-        unit=" batches",
-        file=sys.stderr,
-        disable=None if progress else True,
-    )
-    # People outer, windows inner: each chunk's HMM runs once over the whole chromosome.
-    for people in chunks:
-        rows = np.stack([2 * people, 2 * people + 1], 1).ravel()  # rows 2i, 2i+1: one person
-        persons = np.repeat(query_persons[people], 2)
-        haps = np.where(persons >= 0, 2 * persons + np.tile([0, 1], len(people)), -1 - rows)
-        calls_all = typed_alleles[:, rows]  # (m, B) 0/1, -1 missing
-        post_all = None
+    compact = chromosome is not None and device.type == "cpu"
+    # Blocks of people: the HMM runs once per block over the whole chromosome, then each
+    # window's panel context is built once per block and serves every batch of it. On a CPU a
+    # block is as many people as HMM_MEMORY_BYTES of posteriors over their own states hold
+    # (compiled kernel); on a GPU one batch (the dense torch pass).
+    per_person = 2 * max(1, len(typed_sites)) * len(ref_haps) * 4
+    block = batch_size
+    if compact:
+        block = max(batch_size, HMM_MEMORY_BYTES // per_person // batch_size * batch_size)
+    blocks = [np.arange(i, min(i + block, n_targets)) for i in range(0, n_targets, block)]
+    n_batches = sum(-(-len(b) // batch_size) for b in blocks)
+    bar = progress_bar(len(windows) * n_batches, "imputing", "batches", log, enabled=progress)
+    for people_block in blocks:
+        block_rows = np.stack([2 * people_block, 2 * people_block + 1], 1).ravel()
+        block_persons = np.repeat(query_persons[people_block], 2)
+        block_post = None  # the block's posteriors: compact (CPU) or dense (B, N, U) (GPU)
         if chromosome is not None:
-            q = torch.from_numpy(call_code(calls_all)).to(device)
-            allowed = _allowed_states(persons, ref_persons).to(device)
-            post_all = chromosome.posteriors(q, allowed, float(hmm.err))  # (B, N, m)
+            q = torch.from_numpy(call_code(typed_alleles[:, block_rows])).to(device)
+            allowed = _allowed_states(block_persons, ref_persons).to(device)
+            if compact:
+                block_post = chromosome.compact_posteriors(q, allowed, float(hmm.err))
+            else:
+                block_post = chromosome.posteriors(q, allowed, float(hmm.err))
+        batches = [
+            np.arange(i, min(i + batch_size, len(people_block)))
+            for i in range(0, len(people_block), batch_size)
+        ]
         for window in windows:
             c0, c1 = window.ctx_start, window.ctx_end
             ctx_rows = np.asarray(panel.haplotypes[c0:c1])  # (C, n_panel_haps)
             side = panel_inputs(
                 ctx_rows, ref_haps, ref_persons, window, seed=seed, stream=IMPUTE_STREAM, epoch=0
             )
+            side = {key: v.to(device) for key, v in side.items()}
             lo, hi = np.searchsorted(typed_sites, [c0, c1])
             cols = typed_sites[lo:hi] - c0
-            calls = calls_all[lo:hi].T  # (B, m_w)
-            hidden = np.ones((len(rows), c1 - c0), dtype=bool)
-            hidden[:, cols] = calls < 0
-            observed = np.zeros((len(rows), c1 - c0), dtype=np.int8)
-            observed[:, cols] = np.maximum(calls, 0)
-            batch = assemble_batch(
-                window,
-                length,
-                observed,
-                observed,
-                hidden,
-                pos=panel.pos,
-                morgans=morgans,
-                af=af,
-                haps=haps,
-                persons=persons,
-            )
-            batch = {key: v.to(device) for key, v in (batch | side).items()}
-            panel_post = None
-            if post_all is not None and hi > lo:
-                panel_post = (post_all[:, :, lo:hi], torch.from_numpy(cols).to(device))
-            batch = retrieve(batch, retriever, hmm, panel_post)
-            with (
-                torch.inference_mode(),
-                torch.autocast(
-                    device.type, dtype=autocast or torch.float32, enabled=autocast is not None
-                ),
-            ):
-                logits = model.net(batch)["logits"]
-            p = torch.sigmoid(logits.float())[:, : window.length].cpu().numpy()  # (B, W)
-            cs, ce = window.core_start - window.start, window.core_end - window.start
-            probs[window.core_start : window.core_end, rows[0] : rows[-1] + 1] = p[:, cs:ce].T
-            bar.update()
+            for local in batches:
+                people = people_block[local]
+                in_block = np.stack([2 * local, 2 * local + 1], 1).ravel()
+                rows = np.stack(
+                    [2 * people, 2 * people + 1], 1
+                ).ravel()  # rows 2i, 2i+1: one person
+                persons = block_persons[in_block]
+                haps = np.where(persons >= 0, 2 * persons + np.tile([0, 1], len(people)), -1 - rows)
+                calls = typed_alleles[lo:hi, rows].T  # (B, m_w) 0/1, -1 missing
+                hidden = np.ones((len(rows), c1 - c0), dtype=bool)
+                hidden[:, cols] = calls < 0
+                observed = np.zeros((len(rows), c1 - c0), dtype=np.int8)
+                observed[:, cols] = np.maximum(calls, 0)
+                batch = assemble_batch(
+                    window,
+                    length,
+                    observed,
+                    observed,
+                    hidden,
+                    pos=panel.pos,
+                    morgans=morgans,
+                    af=af,
+                    haps=haps,
+                    persons=persons,
+                )
+                batch = {key: v.to(device) for key, v in batch.items()} | side
+                panel_post = None
+                if block_post is not None and hi > lo:
+                    if compact:
+                        post = block_post.dense(len(ref_haps), in_block, lo, hi)
+                        post = torch.from_numpy(post).to(device)
+                    else:
+                        post = block_post[in_block][:, :, lo:hi]
+                    panel_post = (post, torch.from_numpy(cols).to(device))
+                batch = retrieve(batch, retriever, hmm, panel_post)
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(
+                        device.type, dtype=autocast or torch.float32, enabled=autocast is not None
+                    ),
+                ):
+                    logits = model.net(batch)["logits"]
+                p = torch.sigmoid(logits.float())[:, : window.length].cpu().numpy()  # (B, W)
+                cs, ce = window.core_start - window.start, window.core_end - window.start
+                probs[window.core_start : window.core_end, rows] = p[:, cs:ce].T
+                bar.update()
     bar.close()
     return probs
 
@@ -286,6 +314,7 @@ def fit_hmm_err(
     ref_persons: np.ndarray,
     morgans: np.ndarray,
     device: torch.device,
+    ibs: IBSConfig | None,
 ) -> float | None:
     """The HMM mismatch rate these targets call for (EM, :meth:`ChromosomeHMM.fit_err`); None
     without HMM.
@@ -294,8 +323,8 @@ def fit_hmm_err(
     Stephens' value; a fixed rate is right for one kind of array only (on the 5 Mb scenario the
     whole-panel HMM's r² is 0.9719 at 1e-4 and 0.9714 at 0.002 on the clean array, 0.9620 and
     0.9646 on the realistic one, with 0.5 % genotype errors). At most ERR_FIT_SITES typed sites
-    (the middle ones) and ERR_FIT_HAPS target haplotypes are used, the HMM over the reference
-    haplotypes.
+    (the middle ones) and ERR_FIT_HAPS target haplotypes are used, the HMM over the states
+    imputation runs (``ibs``: IBS-selected, None: every reference haplotype).
     """
     if model.hmm is None or len(typed_sites) < 2:
         return None
@@ -309,7 +338,7 @@ def fit_hmm_err(
         ref_haps,
         morgans,
         ne=model.hmm.ne,
-        ibs=None,
+        ibs=ibs,
         device=device,
     )
     q = torch.from_numpy(call_code(typed_alleles[sites, :ERR_FIT_HAPS])).to(device)
@@ -365,6 +394,7 @@ def impute(
     hmm_err: str | float | None = None,
     hmm_states: str | None = None,
     cache_dir: str | Path | None = None,
+    threads: int | None = None,
     progress: bool | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
@@ -378,7 +408,8 @@ def impute(
     map the model was trained with, if any); ``hmm_err`` the HMM's mismatch rate: ``auto`` fits
     it to the targets (:func:`fit_hmm_err`), ``train`` keeps the training value, a number sets
     it; ``hmm_states`` the panel-state HMM's states (:func:`_resolve_hmm_states`);
-    ``cache_dir`` and ``progress``. Returns a summary: site counts by kind and every adjustment.
+    ``cache_dir``; ``threads`` the CPU threads of torch and the compiled HMM (None: every
+    core); ``progress``. Returns a summary: site counts by kind and every adjustment.
     """
     setting = filled(
         "impute",
@@ -392,6 +423,7 @@ def impute(
             "hmm_err": hmm_err,
             "hmm_states": hmm_states,
             "cache_dir": cache_dir,
+            "threads": threads,
             "progress": progress,
         },
     )
@@ -400,6 +432,12 @@ def impute(
     hmm_err, hmm_states = setting["hmm_err"], str(setting["hmm_states"])
     cache_dir, progress = setting["cache_dir"], bool(setting["progress"])
     started = time.perf_counter()
+    if setting["threads"] is not None:
+        n_threads = int(setting["threads"])
+        if n_threads < 1:
+            raise SnvbertError(f"threads={n_threads} must be at least 1")
+        torch.set_num_threads(n_threads)
+        kernel.set_threads(n_threads)
     panel_path, target_path, out = Path(panel), Path(target), Path(out)
     if reference not in ("all", "train"):
         raise SnvbertError(f"reference='{reference}' must be 'all' or 'train'")
@@ -455,7 +493,15 @@ def impute(
     morgans = genetic_positions(pan.pos, gmap)
     if err == "auto":
         err = fit_hmm_err(
-            model, pan, match.panel_index, calls, query_persons, ref_persons, morgans, dev
+            model,
+            pan,
+            match.panel_index,
+            calls,
+            query_persons,
+            ref_persons,
+            morgans,
+            dev,
+            trained_ibs if ibs == "train" else ibs,
         )
         if err is not None:
             log.info("HMM mismatch rate fitted to the targets: %.2g", err)
@@ -583,6 +629,7 @@ def main(cfg: DictConfig) -> None:
         hmm_err=cfg.hmm_err,
         hmm_states=str(cfg.hmm_states),
         cache_dir=cfg.cache_dir,
+        threads=cfg.threads,
         progress=cfg.progress,
         command="python -m snvbert.impute " + " ".join(sys.argv[1:]),
     )

@@ -259,6 +259,36 @@ def test_ibs_states_keep_the_longest_identical_by_state_haplotypes():
     assert post[0, 7, :90].mean() > 0.3 and post[0, 20, 110:].mean() > 0.3
 
 
+def test_compiled_ibs_states_pick_what_the_torch_steps_pick(tiny_sim, cache_dir):
+    """The CPU kernel and the batched torch steps are one selection: on a real panel's typed
+    sites, with missing calls and disallowed haplotypes, every query keeps the same states
+    (both the survivors-and-top-up and the more-than-haps-match branches are met)."""
+    from snvbert.data.genetic_map import genetic_positions
+    from snvbert.data.vcf import load_panel
+
+    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache_dir, progress=False)
+    morgans = genetic_positions(pan.pos, tiny_sim / "map.plink")
+    typed = np.arange(0, pan.n_sites, 7)
+    alleles = np.asarray(pan.haplotypes[typed]).astype(np.int8)
+    rng = np.random.default_rng(11)
+    query = 2 * alleles[:, :12] - 1
+    query[rng.random(query.shape) < 0.1] = 0
+    query[rng.random(query.shape) < 0.02] *= -1  # genotype errors
+    allowed = torch.from_numpy(rng.random((12, pan.n_haps)) > 0.1)
+    allowed[torch.arange(12), torch.arange(12)] = False  # never itself
+    args = (
+        torch.from_numpy(query),
+        torch.from_numpy(2 * alleles - 1),
+        torch.from_numpy(morgans[typed]),
+        allowed,
+    )
+    for ibs in (IBSConfig(haps=4, step_cm=0.05, steps=3), IBSConfig(haps=40, steps=7)):
+        fast = ibs_states(*args, ibs, compiled=True)
+        slow = ibs_states(*args, ibs, compiled=False)
+        assert torch.equal(fast, slow)
+        assert 0 < int(fast.sum(1).min()) and int(fast.sum(1).max()) < pan.n_haps
+
+
 def test_switch_probabilities_no_distance_no_jump():
     """The one transition model: 1 - exp(-4 ne d / N); no distance (the first column, a site at
     the position of the one before) gives exactly no jump, as the oracle's does."""

@@ -110,16 +110,22 @@ class ChromosomeHMM:
         start: float,
         memory_bytes: int = HMM_MEMORY_BYTES,
     ) -> float:
-        """The mismatch rate these queries (U, Q) call for, by EM over every allowed state.
+        """The mismatch rate these queries (U, Q) call for, by EM over the states they copy
+        (every allowed one, narrowed by IBS when set: the rate of the HMM that is run).
 
-        Queries are run as many at a time as ``memory_bytes`` holds: per query the forward pass
-        (4 bytes a state and column), the posterior product and the mismatch mask.
+        On a GPU queries are run as many at a time as ``memory_bytes`` holds: per query the
+        forward pass (4 bytes a state and column), the posterior product and the mismatch mask.
         """
+        if allowed is None:
+            allowed = torch.ones(
+                query.shape[1], self.states.shape[1], dtype=torch.bool, device=query.device
+            )
+        state_ok = self.allowed_states(query, allowed)
         batch = max(1, memory_bytes // max(1, self.states.numel() * 12))
         return estimate_err(
             self.states,
             query,
-            allowed,
+            state_ok,
             self.switch,
             start=start,
             batch=batch,

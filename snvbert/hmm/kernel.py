@@ -45,13 +45,22 @@ class CompactPosteriors:
     idx: np.ndarray
     n: np.ndarray
 
-    def dense(self, n_states: int) -> np.ndarray:
-        """(B, N, U) float32 over every state, 0 where a state is not the query's."""
-        b, u, _ = self.post.shape
-        out = np.zeros((b, n_states, u), dtype=np.float32)
-        for i in range(b):
-            k = int(self.n[i])
-            out[i, self.idx[i, :k]] = self.post[i, :, :k].T
+    def dense(
+        self,
+        n_states: int,
+        rows: np.ndarray | None = None,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> np.ndarray:
+        """(B, N, U) float32 over every state, 0 where a state is not the query's.
+
+        ``rows`` (default all) the queries and columns ``lo:hi`` (default all) to spread out."""
+        rows = np.arange(self.post.shape[0]) if rows is None else np.asarray(rows)
+        hi = self.post.shape[1] if hi is None else hi
+        out = np.zeros((len(rows), n_states, hi - lo), dtype=np.float32)
+        for i, row in enumerate(rows):
+            k = int(self.n[row])
+            out[i, self.idx[row, :k]] = self.post[row, lo:hi, :k].T
         return out
 
 
@@ -226,6 +235,101 @@ def _minor_counts(rows, ref_haps):  # pragma: no cover - compiled
         for c in range(n_ref):
             alt += rows[i, ref_haps[c]]
         out[i] = min(alt, n_ref - alt)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _ibs_states(query, alleles, allowed, starts, order, haps, steps, out):  # pragma: no cover
+    """Beagle's IBS picks per query (see :func:`snvbert.hmm.states.ibs_states`) into out (B, N).
+
+    starts (n_steps + 1,) the steps' first columns; order (n_steps, N) the haplotypes by
+    descending tie-break priority in each step."""
+    n_steps, n_haps = starts.shape[0] - 1, alleles.shape[1]
+    for b in prange(query.shape[1]):
+        q = query[:, b]
+        ok = np.empty((n_steps, n_haps), dtype=np.bool_)
+        for s in range(n_steps):
+            for h in range(n_haps):
+                ok[s, h] = allowed[b, h]
+            for j in range(starts[s], starts[s + 1]):
+                if q[j] != 0:
+                    for h in range(n_haps):
+                        if alleles[j, h] != q[j]:
+                            ok[s, h] = False
+        keep = np.zeros(n_haps, dtype=np.bool_)
+        cell = np.empty(n_haps, dtype=np.bool_)
+        prev = np.empty(n_haps, dtype=np.bool_)
+        for i in range(n_steps):
+            count = 0
+            for h in range(n_haps):
+                cell[h] = ok[i, h]
+                count += cell[h]
+            done = count <= haps
+            if done:
+                for h in range(n_haps):
+                    keep[h] |= cell[h]
+            d = 1
+            while not done and d < min(steps, n_steps - i):
+                count = 0
+                for h in range(n_haps):
+                    prev[h] = cell[h]
+                    cell[h] = cell[h] and ok[i + d, h]
+                    count += cell[h]
+                if count <= haps:
+                    # the survivors, topped up from those that matched one step less
+                    room = haps - count
+                    for h in range(n_haps):
+                        keep[h] |= cell[h]
+                    for t in range(n_haps):
+                        if room == 0:
+                            break
+                        h = order[i, t]
+                        if prev[h] and not cell[h]:
+                            keep[h] = True
+                            room -= 1
+                    done = True
+                d += 1
+            if not done:  # more than haps match all the way: haps of them
+                room = haps
+                for t in range(n_haps):
+                    if room == 0:
+                        break
+                    h = order[i, t]
+                    if cell[h]:
+                        keep[h] = True
+                        room -= 1
+        any_kept = False
+        for h in range(n_haps):
+            any_kept |= keep[h]
+        for h in range(n_haps):
+            out[b, h] = keep[h] if any_kept else allowed[b, h]
+
+
+def ibs_states(
+    query: np.ndarray,
+    alleles: np.ndarray,
+    allowed: np.ndarray,
+    starts: np.ndarray,
+    priority: np.ndarray,
+    haps: int,
+    steps: int,
+) -> np.ndarray:
+    """(B, N) bool: Beagle's IBS picks for queries (U, B) over states (U, N) (+-1, 0 unobserved).
+
+    starts (n_steps + 1,) the steps' first columns and the end; priority (n_steps, N) the
+    tie-break priority of each haplotype in each step (higher first)."""
+    out = np.empty(allowed.shape, dtype=bool)
+    order = np.argsort(-priority, axis=1, kind="stable").astype(np.int32)
+    _ibs_states(
+        np.ascontiguousarray(query, dtype=np.int8),
+        np.ascontiguousarray(alleles, dtype=np.int8),
+        np.ascontiguousarray(allowed, dtype=bool),
+        np.asarray(starts, dtype=np.int64),
+        order,
+        int(haps),
+        int(steps),
+        out,
+    )
     return out
 
 

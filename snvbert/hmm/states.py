@@ -8,9 +8,11 @@ training run.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from snvbert.hmm import kernel
 from snvbert.hmm.config import IBSConfig
 
 # The tie-breaking priorities of the panel haplotypes, fixed: a query's states never depend on
@@ -24,6 +26,8 @@ def ibs_states(
     morgan: Tensor,
     allowed: Tensor,
     ibs: IBSConfig,
+    *,
+    compiled: bool | None = None,
 ) -> Tensor:
     """The HMM states Beagle would pick for each query: (B, N) bool, a subset of ``allowed``.
 
@@ -40,6 +44,9 @@ def ibs_states(
     HMM over them (the jump rate still that of the whole panel) beats both the HMM over every
     haplotype and Beagle's composite states in every MAF bin; on a panel of 600 haplotypes it
     loses (see :data:`snvbert.hmm.config.IBS_MIN_HAPS`).
+
+    ``compiled`` (None: on a CPU) runs the numba kernel (:func:`snvbert.hmm.kernel.ibs_states`)
+    query by query instead of the batched torch steps; the picks are the same.
     """
     haps, step_cm, steps = ibs.haps, ibs.step_cm, ibs.steps
     n_cols = query_cols.shape[0]
@@ -53,8 +60,23 @@ def ibs_states(
             torch.nonzero(torch.diff(bins)).flatten() + 1,
         ]
     ).tolist() + [n_cols]
-    q, p = query_cols.float(), state_cols.float()
     n_steps, n_haps = len(starts) - 1, state_cols.shape[1]
+    gen = torch.Generator().manual_seed(PRIORITY_SEED)
+    if compiled is None:
+        compiled = allowed.device.type == "cpu"
+    if compiled:  # the compiled kernel: the same picks, query by query
+        priority = torch.stack([torch.rand(n_haps, generator=gen) for _ in range(n_steps)])
+        picks = kernel.ibs_states(
+            query_cols.numpy(),
+            state_cols.numpy(),
+            allowed.numpy(),
+            np.asarray(starts),
+            priority.numpy(),
+            haps,
+            steps,
+        )
+        return torch.from_numpy(picks)
+    q, p = query_cols.float(), state_cols.float()
     agree: dict[int, Tensor] = {}  # the last ``steps`` steps' (B, N) masks: memory (steps, B, N)
 
     def ok(s: int) -> Tensor:
@@ -64,8 +86,6 @@ def ibs_states(
             same = (q[a:b].T @ p[a:b]) >= q[a:b].abs().sum(0)[:, None] - 0.5
             agree[s] = same & allowed
         return agree[s]
-
-    gen = torch.Generator().manual_seed(PRIORITY_SEED)
 
     def first(mask: Tensor, prio: Tensor, m: Tensor) -> Tensor:
         """Per row, the m[row] members of ``mask`` of highest priority."""
