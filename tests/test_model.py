@@ -163,7 +163,7 @@ def test_single_neighbour_fusion_is_degenerate() -> None:
     """The second seed's failure: softmax over one key is 1.0 whatever the query; entropy 0."""
     net = build_net("tiny").eval()
     out = net(make_fake_batch(B=4, L=32, K=4, K_valid=1), return_weights=True)
-    w = out["fusion_weights"]
+    w = out["fusion_weights"].permute(0, 2, 1, 3)[out["ran"]]  # where the network ran
     assert torch.all(w[..., 0] == 1.0) and torch.all(w[..., 1:] == 0.0)
     assert out["fusion_entropy"].item() == 0.0
 
@@ -336,3 +336,49 @@ def test_fusion_stays_finite_under_bf16_autocast() -> None:
     assert torch.isfinite(out["logits"]).all()
     plain = net(batch)["logits"]
     assert torch.allclose(out["logits"].float(), plain, atol=0.25)
+
+
+def test_certain_sites_take_the_hmm_and_leave_the_network_s_sequence() -> None:
+    """model.hmm_certain: a hidden site whose HMM P(ALT) is within eps of 0 or 1 outputs the
+    HMM skip exactly and is not in the network's sequence (nothing about it reaches any other
+    site); typed and uncertain sites keep their window positions, so with no certain site the
+    output is the ungated network's; a row left with no site trains without NaN."""
+    torch.manual_seed(0)
+    batch = make_fake_batch(B=6, L=48, K=8, n_pad=5)
+    dose = batch["hmm_dose"].clone()
+    certain = batch["mask"] & (torch.rand(dose.shape) < 0.6)
+    dose[certain] = torch.where(torch.rand(dose.shape) < 0.5, 1e-5, 1 - 1e-5)[certain]
+    dose[~certain] = dose[~certain].clamp(0.01, 0.99)
+    batch["hmm_dose"] = dose
+    # the last row: every site hidden and certain
+    batch["tokens"][-1, :43] = MASK
+    batch["mask"][-1, :43] = True
+    batch["hmm_dose"][-1, :43] = 1e-5
+    certain[-1, :43] = True
+    gated = build_net("tiny", hmm_certain=1e-3).eval()
+    full = build_net("tiny", hmm_certain=0.0).eval()
+    full.load_state_dict(gated.state_dict())
+    out = gated(batch)
+    skip = gated.hmm_gain * torch.logit(batch["hmm_dose"], eps=1e-4)
+    assert torch.equal(out["logits"][certain], skip[certain])
+    assert torch.equal(out["ran"], ~batch["pad"] & ~certain)
+    assert not torch.allclose(out["logits"][out["ran"]], skip[out["ran"]])
+    # what lies at certain sites never reaches another site
+    other = {k: v.clone() for k, v in batch.items()}
+    for key in ("nbr_left", "nbr_right", "nbr_alleles"):
+        other[key] = other[key].masked_fill(certain[:, None, :], 0.0)
+    other["af"] = other["af"].masked_fill(certain, 0.49)
+    torch.testing.assert_close(gated(other)["logits"], out["logits"])
+    # no certain site: the gated network is the ungated one
+    loose = {**batch, "hmm_dose": batch["hmm_dose"].clamp(0.01, 0.99)}
+    keep = ~batch["pad"]
+    torch.testing.assert_close(gated(loose)["logits"][keep], full(loose)["logits"][keep])
+    # and it trains: gradients finite, reaching the blocks, with the empty row in the batch
+    gated.train()
+    loss = F.binary_cross_entropy_with_logits(
+        gated(batch)["logits"][batch["mask"]], batch["alleles"][batch["mask"]].float()
+    )
+    loss.backward()
+    grads = [p.grad for p in gated.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert gated.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

@@ -87,7 +87,9 @@ def fusion_figures(
         return None
     n_valid = valid.sum(1)
     keep = (
-        ~pad
+        out["ran"]  # the sites the network ran at (with model.hmm_certain, not the certain ones)
+        if "ran" in out
+        else ~pad
         if pad is not None
         else torch.ones(weights.shape[0], weights.shape[2], dtype=torch.bool, device=weights.device)
     )

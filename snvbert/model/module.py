@@ -29,6 +29,11 @@ def n_hidden(batch: Mapping[str, Tensor]) -> int:
     return max(int(batch["mask"].sum()), 1)
 
 
+# What a net config stored before a key existed means: the behaviour of that version (a
+# checkpoint from before model.hmm_certain ran the network at every site).
+LEGACY_NET: dict[str, Any] = {"hmm_certain": 0.0}
+
+
 class SNVBertModule(L.LightningModule):
     """Focal loss on masked sites; F1/accuracy and dosage r² by MAF bin on validation and test.
 
@@ -58,7 +63,7 @@ class SNVBertModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if not isinstance(net, SNVBertNet):
-            net = SNVBertNet(net)
+            net = SNVBertNet({**LEGACY_NET, **net} if isinstance(net, Mapping) else net)
         # Store the net as its plain config, and leave the optimizer and scheduler partials out:
         # the checkpoint's hparams are then plain values, so `load_from_checkpoint(path)` works
         # with torch's default weights_only=True loading and rebuilds the same architecture

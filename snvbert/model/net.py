@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from snvbert.data.batch import VOCAB_SIZE
+from snvbert.data.batch import MASK, VOCAB_SIZE
 
 # Per (site, neighbour) features the fusion scores; see `neighbour_features`.
 N_FUSION_FEATURES = 8
@@ -75,6 +75,12 @@ class NetConfig:
     # output logit, with the rest of the head starting near 0: the net starts as the HMM and
     # learns corrections to it.
     hmm_skip: bool
+    # With hmm_skip: a hidden site where the HMM's P(ALT) is within this of 0 or 1 takes the
+    # HMM's answer (gain * its logit) and is left out of the network's sequence, which holds the
+    # typed sites and the uncertain hidden ones, at their own window positions; the network's
+    # cost falls with the share of uncertain tokens (4.5 % on the 5 Mb scenario's array at
+    # 1e-3). 0: the network runs at every site.
+    hmm_certain: float
 
     def __post_init__(self) -> None:
         # Hydra hands lists as ListConfig; store plain tuples so the config pickles and compares.
@@ -84,6 +90,9 @@ class NetConfig:
         self.fusion_init_sharpness = tuple(float(c) for c in self.fusion_init_sharpness)
         if self.fusion_heads is None:
             self.fusion_heads = self.n_head
+        self.hmm_certain = float(self.hmm_certain)
+        if not 0.0 <= self.hmm_certain < 0.5:
+            raise ValueError(f"hmm_certain={self.hmm_certain} must be in [0, 0.5)")
         if self.d_model % self.n_head or self.d_model % 2:
             raise ValueError(
                 f"d_model={self.d_model} must be even and divisible by n_head={self.n_head}"
@@ -126,20 +135,40 @@ class Embedding(nn.Module):
         self.dist_unit_bp = cfg.dist_unit_bp
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, tokens: Tensor, pos_bp: Tensor, af: Tensor) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        pos_bp: Tensor,
+        af: Tensor,
+        index: Tensor | None = None,
+        origin: Tensor | None = None,
+    ) -> Tensor:
+        """tokens, pos_bp, af (B, L); ``index`` (B, L) each token's site index in its window
+        and ``origin`` (B, 1) the window's first position, when the tokens are a selection of
+        the window's sites (default: the whole window, in order)."""
         B, L = tokens.shape
-        if L > self.pos.num_embeddings:
-            raise ValueError(f"window of {L} sites exceeds model max_len={self.pos.num_embeddings}")
+        if index is None:
+            if L > self.pos.num_embeddings:
+                raise ValueError(
+                    f"window of {L} sites exceeds model max_len={self.pos.num_embeddings}"
+                )
+            index = torch.arange(L, device=tokens.device)
+        elif int(index.max()) >= self.pos.num_embeddings:
+            raise ValueError(
+                f"window of {int(index.max()) + 1} sites exceeds model max_len="
+                f"{self.pos.num_embeddings}"
+            )
+        origin = pos_bp[:, :1] if origin is None else origin
         # Subtract in integers first: bp positions reach 2.5e8, beyond float32's exact range.
         # PAD sites have pos 0, so their distance clamps to 0.
-        dist = (pos_bp - pos_bp[:, :1]).clamp(min=0).float() / self.dist_unit_bp  # (B, L)
+        dist = (pos_bp - origin).clamp(min=0).float() / self.dist_unit_bp  # (B, L)
         angle = dist[..., None] * self.inv_freq  # (B, L, D/2)
         maf = torch.minimum(af, 1 - af)
         # log10(maf) / 4 lies in [-1, 0]: the rare end, where the model most needs resolution.
         af_feats = torch.stack([af, maf, torch.log10(maf + 1e-4) / 4], dim=-1)  # (B, L, 3)
         x = (
             self.tok(tokens)
-            + self.pos(torch.arange(L, device=tokens.device))
+            + self.pos(index)
             + torch.cat([angle.sin(), angle.cos()], dim=-1)
             + self.af_mlp(af_feats.float())
         )  # (B, L, D)
@@ -373,11 +402,58 @@ class SNVBertNet(nn.Module):
         """Logits (B, L) of P(alt); the fusion's mean normalised entropy; optionally its weights.
 
         Neighbours are optional: without ``nbr_*`` keys the fusions are skipped (ablation,
-        benchmarks) and ``fusion_entropy`` is NaN.
+        benchmarks) and ``fusion_entropy`` is NaN. With ``hmm_certain`` the network runs over
+        :meth:`uncertain_sites` only; the rest take the HMM skip alone. ``ran`` (B, L) says
+        where it ran.
         """
+        chosen = self.uncertain_sites(batch)
+        if chosen is None:
+            out = self._forward(batch, return_weights)
+            out["ran"] = ~batch["pad"]
+            return out
+        order, unused = chosen
+        skip = self._skip_logits(batch)  # (B, L)
+        out = self._forward(_gather_sites(batch, order, unused), return_weights)
+        logits = torch.where(unused, skip.gather(1, order), out["logits"].float())
+        out["logits"] = skip.scatter(1, order, logits)
+        out["ran"] = torch.zeros_like(batch["pad"]).scatter(1, order, ~unused)
+        if "fusion_weights" in out:  # back at the window's sites, 0 where the net did not run
+            w = out["fusion_weights"]  # (B, H, L', K)
+            full = w.new_zeros(w.shape[0], w.shape[1], batch["pad"].shape[1], w.shape[3])
+            index = order[:, None, :, None].expand_as(w)
+            out["fusion_weights"] = full.scatter(2, index, w * ~unused[:, None, :, None])
+        return out
+
+    def uncertain_sites(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+        """Where the network runs (``hmm_certain`` > 0): every typed site and every hidden one
+        whose HMM P(ALT) is more than ``hmm_certain`` from 0 and 1, per row in site order.
+
+        Returns order (B, L') the chosen sites' window indices (padded with others) and unused
+        (B, L') True where an entry is padding; None when the network runs everywhere.
+        """
+        eps = self.config.hmm_certain
+        if not eps or not self.config.hmm_skip or "hmm_dose" not in batch:
+            return None
+        if "nbr_alleles" not in batch or not self.fusion:
+            return None
+        tokens, pad, dose = batch["tokens"], batch["pad"], batch["hmm_dose"].float()
+        certain = (tokens == MASK) & ((dose <= eps) | (dose >= 1.0 - eps))
+        run = ~pad & ~certain  # (B, L)
+        width = max(1, int(run.sum(1).max()))
+        # chosen sites first, each group in site order (a stable sort of 0/1 keys)
+        order = torch.sort((~run).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+        return order, ~run.gather(1, order)
+
+    def _skip_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """gain * logit(P(ALT) of the HMM), the output where the network does not run."""
+        return self.hmm_gain * torch.logit(batch["hmm_dose"].float(), eps=_HMM_EPS)
+
+    def _forward(self, batch: Mapping[str, Tensor], return_weights: bool) -> dict[str, Tensor]:
         tokens, pad = batch["tokens"], batch["pad"]
         B, L = tokens.shape
-        x = self.embed(tokens, batch["pos"], batch["af"])  # (B, L, D)
+        x = self.embed(
+            tokens, batch["pos"], batch["af"], batch.get("site_index"), batch.get("origin")
+        )  # (B, L, D)
         keep = ~pad[:, None, None, :]  # (B, 1, 1, L) SDPA: True = may attend to this key
 
         nbr = None
@@ -410,8 +486,7 @@ class SNVBertNet(nn.Module):
                     "model.hmm_skip needs the HMM's dosage in the batch (data.hmm, not null); "
                     "set model.hmm_skip=false to train without it"
                 )
-            dose = batch["hmm_dose"].float()
-            logits = logits.float() + self.hmm_gain * torch.logit(dose, eps=_HMM_EPS)
+            logits = logits.float() + self._skip_logits(batch)
         entropy = torch.stack(entropies).mean() if entropies else logits.new_tensor(float("nan"))
         out = {"logits": logits, "fusion_entropy": entropy}
         if return_weights and weights is not None:
@@ -449,6 +524,33 @@ class SNVBertNet(nn.Module):
 
     def count_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+# The per-site keys of a batch, (B, L) or (B, K, L), that a selection of sites gathers.
+_SITE_KEYS = ("tokens", "pos", "af", "hmm_dose")
+_NEIGHBOUR_SITE_KEYS = ("nbr_left", "nbr_right", "nbr_alleles", "nbr_hmm")
+
+
+def _gather_sites(batch: Mapping[str, Tensor], order: Tensor, unused: Tensor) -> dict[str, Tensor]:
+    """The batch at the sites ``order`` (B, L') only, ``unused`` entries padding; each keeps
+    its window index (``site_index``) and the window's first position (``origin``)."""
+    out = dict(batch)
+    for key in _SITE_KEYS:
+        if key in batch:
+            out[key] = batch[key].gather(1, order)
+    for key in _NEIGHBOUR_SITE_KEYS:
+        if key in batch:
+            t = batch[key]
+            out[key] = t.gather(2, order[:, None, :].expand(-1, t.shape[1], -1))
+    # A row with no chosen site keeps one key for attention (an all-masked softmax is NaN);
+    # its output is the skip all the same.
+    empty = unused.all(1, keepdim=True)
+    first = torch.zeros_like(unused)
+    first[:, 0] = True
+    out["pad"] = unused & ~(empty & first)
+    out["site_index"] = order
+    out["origin"] = batch["pos"][:, :1]
+    return out
 
 
 # What makes each named size, read from conf/model/<size>.yaml: the one place it is written.
