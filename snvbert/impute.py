@@ -32,6 +32,7 @@ neighbours and HMM read-outs by :func:`snvbert.data.retrieval.retrieve`, as in t
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -62,6 +63,7 @@ from snvbert.hmm import (
     ibs_by_default,
     kernel,
 )
+from snvbert.hmm.readout import PanelReadout, site_interpolation
 from snvbert.utils.cli import user_errors_exit
 from snvbert.utils.progress import progress as progress_bar
 
@@ -210,6 +212,18 @@ def predict(
         else:
             log.info("the chromosome-wide HMM would not fit in memory: the HMM runs per window")
     compact = chromosome is not None and device.type == "cpu"
+    readouts = compact and hmm.select == "score"  # P(ALT) and neighbours' posteriors precomputed
+    if readouts:
+        carriers = kernel.MinorCarriers.from_panel(panel.haplotypes, ref_haps)
+        left, right, w = (
+            t.numpy()
+            for t in site_interpolation(
+                torch.from_numpy(np.asarray(typed_sites, dtype=np.int64)),
+                torch.from_numpy(np.asarray(morgans, dtype=np.float64)),
+                0,
+                panel.n_sites,
+            )
+        )
     # Blocks of people: the HMM runs once per block over the whole chromosome, then each
     # window's panel context is built once per block and serves every batch of it. On a CPU a
     # block is as many people as HMM_MEMORY_BYTES of posteriors over their own states hold
@@ -230,6 +244,10 @@ def predict(
             allowed = _allowed_states(block_persons, ref_persons).to(device)
             if compact:
                 block_post = chromosome.compact_posteriors(q, allowed, float(hmm.err))
+                if readouts:  # the HMM's P(ALT) at every site, (n_sites, block haplotypes)
+                    block_dose = kernel.sparse_dosage(
+                        block_post, carriers, len(ref_haps), left, right, w
+                    )
             else:
                 block_post = chromosome.posteriors(q, allowed, float(hmm.err))
         batches = [
@@ -271,15 +289,25 @@ def predict(
                     persons=persons,
                 )
                 batch = {key: v.to(device) for key, v in batch.items()} | side
-                panel_post = None
-                if block_post is not None and hi > lo:
+                panel_post, readout = None, None
+                if readouts:
+                    dose = np.zeros((len(rows), length), dtype=np.float32)
+                    dose[:, : window.length] = block_dose[window.start : window.end, in_block].T
+                    readout = PanelReadout(
+                        torch.from_numpy(dose).to(device),
+                        torch.from_numpy(cols).to(device),
+                        functools.partial(
+                            _neighbour_posteriors, block_post, in_block, lo, hi, len(ref_haps)
+                        ),
+                    )
+                elif block_post is not None and hi > lo:
                     if compact:
                         post = block_post.dense(len(ref_haps), in_block, lo, hi)
                         post = torch.from_numpy(post).to(device)
                     else:
                         post = block_post[in_block][:, :, lo:hi]
                     panel_post = (post, torch.from_numpy(cols).to(device))
-                batch = retrieve(batch, retriever, hmm, panel_post)
+                batch = retrieve(batch, retriever, hmm, panel_post, readout)
                 with (
                     torch.inference_mode(),
                     torch.autocast(
@@ -293,6 +321,19 @@ def predict(
                 bar.update()
     bar.close()
     return probs
+
+
+def _neighbour_posteriors(
+    post: kernel.CompactPosteriors,
+    rows: np.ndarray,
+    lo: int,
+    hi: int,
+    n_states: int,
+    idx: torch.Tensor,
+) -> torch.Tensor:
+    """The posteriors (B, K, hi - lo) of neighbours ``idx`` (B, K) of queries ``rows``."""
+    got = kernel.take_states(post, rows, idx.cpu().numpy(), lo, hi, n_states)
+    return torch.from_numpy(got).to(idx.device)
 
 
 def _allowed_states(persons: np.ndarray, ref_persons: np.ndarray) -> torch.Tensor:

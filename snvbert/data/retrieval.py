@@ -35,9 +35,11 @@ from snvbert.hmm import (
     HMMConfig,
     context_posteriors,
     copying_posteriors,
+    neighbour_posteriors,
     panel_dosage,
     select_by_posterior,
 )
+from snvbert.hmm.readout import PanelReadout, uniform_neighbour_posteriors
 
 ENGINES = ("torch", "faiss")
 INDEXES = ("flat", "ivf", "hnsw")
@@ -252,6 +254,7 @@ def retrieve(
     retriever: Retriever,
     hmm: HMMConfig | None = None,
     panel_post: tuple[Tensor, Tensor] | None = None,
+    readout: PanelReadout | None = None,
 ) -> dict[str, Tensor]:
     """Replace the panel inputs of a batch by its K neighbours and their per-site features.
 
@@ -261,7 +264,9 @@ def retrieve(
     (posteriors (B, N, U) over the panel rows, their context columns (U,)) supplies panel-state
     posteriors computed beforehand (imputation: once per chromosome instead of per window);
     a training batch built with ``data.hmm.scope=chromosome`` carries its own chromosome-wide
-    HMM inputs (:data:`CHROMOSOME_HMM_KEYS`) instead.
+    HMM inputs (:data:`CHROMOSOME_HMM_KEYS`) instead. ``readout`` (with ``hmm.states`` panel
+    and ``select`` score) gives the HMM's P(ALT) and the neighbours' posteriors themselves,
+    computed beforehand (imputation on a CPU, from the compiled kernel's compact posteriors).
     """
     ctx_morgan = batch.pop("ctx_morgan")
     query = batch.pop("query_ctx")
@@ -272,12 +277,14 @@ def retrieve(
     off, n = int(batch.pop("win_offset")[0]), int(batch.pop("win_len")[0])
     exclude = batch["person"][:, None] == panel_person[None, :]
     chromosome = {key: batch.pop(key) for key in CHROMOSOME_HMM_KEYS if key in batch}
-    if chromosome and panel_post is None and hmm is not None:
+    if readout is not None and (hmm is None or hmm.states != "panel" or hmm.select != "score"):
+        raise ValueError("a precomputed readout needs data.hmm states=panel, select=score")
+    if chromosome and panel_post is None and hmm is not None and readout is None:
         panel_post = chromosome_posteriors(chromosome, ~exclude, hmm)
     # One set of feature columns serves both the agreement runs and the HMM.
     cols = feature_columns(query != 0, off, n, retriever.feature_sites)
     panel_states = hmm is not None and hmm.states == "panel"
-    if panel_states and panel_post is None and cols.numel() > 0:
+    if panel_states and panel_post is None and readout is None and cols.numel() > 0:
         # One panel-state HMM per batch serves the neighbours' posteriors, the panel dosage
         # and (select=posterior) the choice of neighbours.
         panel_post = (context_posteriors(query, panel, ~exclude, ctx_morgan, cols, hmm), cols)
@@ -291,7 +298,16 @@ def retrieve(
     length = batch["tokens"].shape[1]
     alleles, left, right = neighbour_features(query, panel, idx, off, n, length, cols)
     keep = valid[:, :, None].float()
-    if hmm is not None:
+    if readout is not None:
+        if readout.cols.numel() == 0:
+            batch["nbr_hmm"] = uniform_neighbour_posteriors(valid, n, length)
+        else:
+            post = readout.neighbours(idx)  # (B, K, U)
+            batch["nbr_hmm"] = neighbour_posteriors(
+                post, valid, readout.cols, ctx_morgan, off, n, length
+            )
+        batch["hmm_dose"] = readout.dose
+    elif hmm is not None:
         post_states, post_cols = (None, cols) if panel_post is None else panel_post
         batch["nbr_hmm"] = copying_posteriors(
             query,

@@ -9,8 +9,26 @@ through the states' alleles, never by running the HMM at them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+
+@dataclass
+class PanelReadout:
+    """A batch's read-outs of the panel-state HMM, computed beforehand (imputation: once per
+    block of people over the chromosome, by :mod:`snvbert.hmm.kernel`).
+
+    dose (B, length) P(ALT) at the window's sites (padded); cols (U,) the context columns the
+    neighbours' posteriors are known at; neighbours maps neighbour indices (B, K) to their
+    posteriors (B, K, U) there (0 for a haplotype that is not one of the query's states).
+    """
+
+    dose: Tensor
+    cols: Tensor
+    neighbours: Callable[[Tensor], Tensor]
 
 
 def pad_sites(x: Tensor, length: int) -> Tensor:
