@@ -47,7 +47,7 @@ from omegaconf import DictConfig
 
 from snvbert.config import filled
 from snvbert.data.batch import assemble_batch, panel_inputs
-from snvbert.data.encoding import call_code
+from snvbert.data.encoding import call_code, plus_minus
 from snvbert.data.genetic_map import genetic_positions
 from snvbert.data.retrieval import Retriever, retrieve
 from snvbert.data.sites import prepare_target
@@ -68,6 +68,9 @@ from snvbert.utils.cli import user_errors_exit
 from snvbert.utils.progress import progress as progress_bar
 
 log = logging.getLogger("snvbert.impute")
+
+# Most bytes of the reference's +-1 code imputation keeps for the whole chromosome.
+PANEL_CODE_BYTES = 1024**3
 
 IMPUTE_STREAM = 7
 """Tie-break stream of imputation; training uses 0, evaluation 1-3. Fixed: imputation is
@@ -212,6 +215,11 @@ def predict(
         else:
             log.info("the chromosome-wide HMM would not fit in memory: the HMM runs per window")
     compact = chromosome is not None and device.type == "cpu"
+    # The reference haplotypes' +-1 code over the whole chromosome, made once (each window's
+    # context is a view of it) when it takes at most PANEL_CODE_BYTES; else per window.
+    panel_pm = None
+    if panel.n_sites * len(ref_haps) <= PANEL_CODE_BYTES:
+        panel_pm = np.ascontiguousarray(plus_minus(np.asarray(panel.haplotypes)[:, ref_haps]).T)
     readouts = compact and hmm.select == "score"  # P(ALT) and neighbours' posteriors precomputed
     if readouts:
         carriers = kernel.MinorCarriers.from_panel(panel.haplotypes, ref_haps)
@@ -256,9 +264,19 @@ def predict(
         ]
         for window in windows:
             c0, c1 = window.ctx_start, window.ctx_end
-            ctx_rows = np.asarray(panel.haplotypes[c0:c1])  # (C, n_panel_haps)
+            if panel_pm is not None:
+                ctx_rows, ctx = None, panel_pm[:, c0:c1]
+            else:
+                ctx_rows, ctx = np.asarray(panel.haplotypes[c0:c1]), None  # (C, n_panel_haps)
             side = panel_inputs(
-                ctx_rows, ref_haps, ref_persons, window, seed=seed, stream=IMPUTE_STREAM, epoch=0
+                ctx_rows,
+                ref_haps,
+                ref_persons,
+                window,
+                seed=seed,
+                stream=IMPUTE_STREAM,
+                epoch=0,
+                panel_ctx=ctx,
             )
             side = {key: v.to(device) for key, v in side.items()}
             lo, hi = np.searchsorted(typed_sites, [c0, c1])

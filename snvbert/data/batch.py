@@ -130,7 +130,7 @@ def assemble_batch(
 
 
 def panel_inputs(
-    ctx_rows: np.ndarray,
+    ctx_rows: np.ndarray | None,
     panel_haps: np.ndarray,
     panel_persons: np.ndarray,
     window: Window,
@@ -138,12 +138,18 @@ def panel_inputs(
     seed: int,
     stream: int,
     epoch: int,
+    panel_ctx: np.ndarray | None = None,
 ) -> dict[str, Tensor]:
-    """The retrieval panel's side of a batch: its haplotypes over the context, as +-1."""
-    panel_ctx = plus_minus(ctx_rows[:, panel_haps].T)  # (N, C)
+    """The retrieval panel's side of a batch: its haplotypes over the context, as +-1.
+
+    ``panel_ctx`` (N, C) int8 the +-1 code already made (a view of the whole chromosome's, as
+    imputation keeps it), else made from ``ctx_rows`` (C, n_haps) 0/1.
+    """
+    if panel_ctx is None:
+        panel_ctx = np.ascontiguousarray(plus_minus(ctx_rows[:, panel_haps].T))  # (N, C)
     jitter = tie_jitter(len(panel_haps), seed=seed, stream=stream, epoch=epoch, window=window.index)
     return {
-        "panel_ctx": torch.from_numpy(np.ascontiguousarray(panel_ctx)),
+        "panel_ctx": torch.from_numpy(panel_ctx),
         "panel_hap": torch.from_numpy(panel_haps.astype(np.int64)),
         "panel_person": torch.from_numpy(np.repeat(panel_persons, 2).astype(np.int64)),
         "jitter": torch.from_numpy(jitter),

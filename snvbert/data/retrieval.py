@@ -83,7 +83,7 @@ class Retriever:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Nearest panel rows for each query row.
 
-        query (B, C) float in {-1, 0, +1}; panel (N, C) float in {-1, +1}; jitter (N,);
+        query (B, C) in {-1, 0, +1}; panel (N, C) in {-1, +1} (any dtype); jitter (N,);
         exclude (B, N) bool, True where a query must not retrieve that panel row (itself, its
         person). Returns scores (B, K), indices (B, K) and valid (B, K); when fewer than K
         rows are allowed the tail is padded with valid=False.
@@ -91,6 +91,7 @@ class Retriever:
         observed = (query != 0).any(0)  # (C,) columns any query observes
         if not bool(observed.all()):  # sparse (array) masks: search the typed columns only
             query, panel = query[:, observed], panel[:, observed]
+        query, panel = query.float(), panel.float()
         if self.engine == "torch":
             scores, idx = self._search_torch(query, panel, jitter, exclude)
         else:
@@ -294,7 +295,7 @@ def retrieve(
             *panel_post, off, n, retriever.k, query, panel, ~exclude
         )
     else:
-        scores, idx, valid = retriever.search(query.float(), panel.float(), jitter, exclude)
+        scores, idx, valid = retriever.search(query, panel, jitter, exclude)
     length = batch["tokens"].shape[1]
     alleles, left, right = neighbour_features(query, panel, idx, off, n, length, cols)
     keep = valid[:, :, None].float()

@@ -403,34 +403,58 @@ class SNVBertNet(nn.Module):
 
         Neighbours are optional: without ``nbr_*`` keys the fusions are skipped (ablation,
         benchmarks) and ``fusion_entropy`` is NaN. With ``hmm_certain`` the network runs over
-        :meth:`uncertain_sites` only; the rest take the HMM skip alone. ``ran`` (B, L) says
-        where it ran.
+        :meth:`uncertain_sites` only and the rest take the HMM skip alone; ``ran`` (B, L) says
+        where it ran. The chosen sites are then run either packed, all of the batch's in one
+        sequence with attention kept within each row (cost in proportion to the sites chosen),
+        or each row padded to the longest, whichever costs fewer operations.
         """
-        chosen = self.uncertain_sites(batch)
-        if chosen is None:
+        run = self.uncertain_sites(batch)
+        if run is None:
             out = self._forward(batch, return_weights)
             out["ran"] = ~batch["pad"]
             return out
-        order, unused = chosen
         skip = self._skip_logits(batch)  # (B, L)
-        out = self._forward(_gather_sites(batch, order, unused), return_weights)
-        logits = torch.where(unused, skip.gather(1, order), out["logits"].float())
-        out["logits"] = skip.scatter(1, order, logits)
-        out["ran"] = torch.zeros_like(batch["pad"]).scatter(1, order, ~unused)
-        if "fusion_weights" in out:  # back at the window's sites, 0 where the net did not run
-            w = out["fusion_weights"]  # (B, H, L', K)
-            full = w.new_zeros(w.shape[0], w.shape[1], batch["pad"].shape[1], w.shape[3])
-            index = order[:, None, :, None].expand_as(w)
-            out["fusion_weights"] = full.scatter(2, index, w * ~unused[:, None, :, None])
+        rows, sites = torch.nonzero(run, as_tuple=True)
+        if rows.numel() == 0:  # the HMM is certain everywhere: nothing to run
+            out = {"logits": skip, "fusion_entropy": skip.new_tensor(float("nan")), "ran": run}
+            if return_weights:
+                k = batch["nbr_valid"].shape[1]
+                h = self.config.fusion_heads
+                out["fusion_weights"] = skip.new_zeros(*skip.shape[:1], h, skip.shape[1], k)
+            return out
+        B, L = run.shape
+        width = int(run.sum(1).max())
+        if self._cost(rows.numel(), rows.numel() ** 2) <= self._cost(B * width, B * width**2):
+            out = self._forward(_packed_sites(batch, rows, sites), return_weights, packed=True)
+            out["logits"] = skip.index_put((rows, sites), out["logits"][0].float())
+            if "fusion_weights" in out:  # (T, 1, H, K) back at the window's sites
+                w = out["fusion_weights"][:, 0]
+                full = w.new_zeros(B, L, *w.shape[1:])
+                out["fusion_weights"] = full.index_put((rows, sites), w).permute(0, 2, 1, 3)
+        else:
+            # chosen sites first, each group in site order (a stable sort of 0/1 keys)
+            order = torch.sort((~run).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+            unused = ~run.gather(1, order)
+            out = self._forward(_gather_sites(batch, order, unused), return_weights)
+            logits = torch.where(unused, skip.gather(1, order), out["logits"].float())
+            out["logits"] = skip.scatter(1, order, logits)
+            if "fusion_weights" in out:  # back at the window's sites, 0 where it did not run
+                w = out["fusion_weights"]  # (B, H, L', K)
+                full = w.new_zeros(w.shape[0], w.shape[1], L, w.shape[3])
+                index = order[:, None, :, None].expand_as(w)
+                out["fusion_weights"] = full.scatter(2, index, w * ~unused[:, None, :, None])
+        out["ran"] = run
         return out
 
-    def uncertain_sites(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
-        """Where the network runs (``hmm_certain`` > 0): every typed site and every hidden one
-        whose HMM P(ALT) is more than ``hmm_certain`` from 0 and 1, per row in site order.
+    def _cost(self, tokens: int, pairs: int) -> float:
+        """Multiply-adds of the blocks over ``tokens`` tokens with ``pairs`` attention pairs."""
+        d = self.config.d_model
+        return tokens * 12 * d * d + pairs * 2 * d
 
-        Returns order (B, L') the chosen sites' window indices (padded with others) and unused
-        (B, L') True where an entry is padding; None when the network runs everywhere.
-        """
+    def uncertain_sites(self, batch: Mapping[str, Tensor]) -> Tensor | None:
+        """Where the network runs (``hmm_certain`` > 0), (B, L) bool: every typed site and every
+        hidden one whose HMM P(ALT) is more than ``hmm_certain`` from 0 and 1; None when it runs
+        everywhere."""
         eps = self.config.hmm_certain
         if not eps or not self.config.hmm_skip or "hmm_dose" not in batch:
             return None
@@ -438,23 +462,30 @@ class SNVBertNet(nn.Module):
             return None
         tokens, pad, dose = batch["tokens"], batch["pad"], batch["hmm_dose"].float()
         certain = (tokens == MASK) & ((dose <= eps) | (dose >= 1.0 - eps))
-        run = ~pad & ~certain  # (B, L)
-        width = max(1, int(run.sum(1).max()))
-        # chosen sites first, each group in site order (a stable sort of 0/1 keys)
-        order = torch.sort((~run).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-        return order, ~run.gather(1, order)
+        return ~pad & ~certain
 
     def _skip_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
         """gain * logit(P(ALT) of the HMM), the output where the network does not run."""
         return self.hmm_gain * torch.logit(batch["hmm_dose"].float(), eps=_HMM_EPS)
 
-    def _forward(self, batch: Mapping[str, Tensor], return_weights: bool) -> dict[str, Tensor]:
+    def _forward(
+        self, batch: Mapping[str, Tensor], return_weights: bool, packed: bool = False
+    ) -> dict[str, Tensor]:
+        """The network over rows of sites (B, L); ``packed``: one row (1, T) of sites from
+        several rows (``segment`` (T,) each one's row; attention stays within a row), whose
+        neighbour inputs are per site: (T, K, 1), (T, K)."""
         tokens, pad = batch["tokens"], batch["pad"]
         B, L = tokens.shape
         x = self.embed(
             tokens, batch["pos"], batch["af"], batch.get("site_index"), batch.get("origin")
         )  # (B, L, D)
-        keep = ~pad[:, None, None, :]  # (B, 1, 1, L) SDPA: True = may attend to this key
+        if packed:
+            seg = batch["segment"]
+            keep = (seg[:, None] == seg[None, :])[None, None]  # (1, 1, T, T)
+            fused_pad = torch.zeros(L, 1, dtype=torch.bool, device=tokens.device)
+        else:
+            keep = ~pad[:, None, None, :]  # (B, 1, 1, L) SDPA: True = may attend to this key
+            fused_pad = pad
 
         nbr = None
         if self.fusion and "nbr_alleles" in batch:
@@ -465,17 +496,20 @@ class SNVBertNet(nn.Module):
                 batch["nbr_score"].float(),
                 valid,
                 batch["nbr_hmm"].float() if "nbr_hmm" in batch else None,
-            )  # (B, L, K, F)
+            )  # (B, L, K, F); packed (T, 1, K, F)
             alleles = batch["nbr_alleles"].float().transpose(1, 2)  # (B, L, K)
             nbr = (feats, alleles, valid, torch.log(valid.sum(1).float()))
 
+        D = self.config.d_model
         summary = x.new_zeros(B, L, self.n_summary)
         entropies: list[Tensor] = []
         weights = None
         for depth in range(self.config.n_layer + 1):
             if nbr is not None and str(depth) in self.fusion:
-                x, summary, weights, ent = self.fusion[str(depth)](x, *nbr)
-                entropies.append(ent.detach()[~pad].mean())
+                h = x.view(L, 1, D) if packed else x
+                h, summary, weights, ent = self.fusion[str(depth)](h, *nbr)
+                x, summary = h.view(B, L, D), summary.view(B, L, -1)
+                entropies.append(ent.detach()[~fused_pad].mean())
             if depth < self.config.n_layer:
                 x = self.blocks[depth](x, keep)
 
@@ -490,7 +524,10 @@ class SNVBertNet(nn.Module):
         entropy = torch.stack(entropies).mean() if entropies else logits.new_tensor(float("nan"))
         out = {"logits": logits, "fusion_entropy": entropy}
         if return_weights and weights is not None:
-            out["fusion_weights"] = weights.detach().permute(0, 2, 1, 3)  # (B, H, L, K)
+            # (B, H, L, K); packed: as the fusion made it, (T, 1, H, K)
+            out["fusion_weights"] = (
+                weights.detach() if packed else weights.detach().permute(0, 2, 1, 3)
+            )
         return out
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -529,6 +566,26 @@ class SNVBertNet(nn.Module):
 # The per-site keys of a batch, (B, L) or (B, K, L), that a selection of sites gathers.
 _SITE_KEYS = ("tokens", "pos", "af", "hmm_dose")
 _NEIGHBOUR_SITE_KEYS = ("nbr_left", "nbr_right", "nbr_alleles", "nbr_hmm")
+
+
+def _packed_sites(batch: Mapping[str, Tensor], rows: Tensor, sites: Tensor) -> dict[str, Tensor]:
+    """The chosen sites (rows, sites) (T,) of a batch as one row (1, T): per-site keys
+    (1, T), the neighbour keys per site (T, K, 1) and (T, K), ``segment`` each site's row."""
+    out: dict[str, Tensor] = {}
+    for key in _SITE_KEYS:
+        if key in batch:
+            out[key] = batch[key][rows, sites][None]
+    for key in _NEIGHBOUR_SITE_KEYS:
+        if key in batch:
+            out[key] = batch[key][rows, :, sites][:, :, None]  # (T, K, 1)
+    for key in ("nbr_valid", "nbr_score"):
+        if key in batch:
+            out[key] = batch[key][rows]
+    out["pad"] = torch.zeros_like(out["tokens"], dtype=torch.bool)
+    out["site_index"] = sites[None]
+    out["origin"] = batch["pos"][rows, 0][None]
+    out["segment"] = rows
+    return out
 
 
 def _gather_sites(batch: Mapping[str, Tensor], order: Tensor, unused: Tensor) -> dict[str, Tensor]:
