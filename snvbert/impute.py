@@ -94,8 +94,10 @@ class TrainedModel:
 
 
 def load_trained(ckpt: str | Path, device: torch.device) -> TrainedModel:
-    """Load a checkpoint written by ``snvbert.train``; errors name the file and what to do."""
-    from snvbert.model.module import SNVBertModule
+    """Load a checkpoint written by ``snvbert.train``; errors name the file and what to do.
+
+    The net alone, without Lightning (whose import costs seconds of every imputation)."""
+    from snvbert.model.net import net_from_checkpoint
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
@@ -111,8 +113,12 @@ def load_trained(ckpt: str | Path, device: torch.device) -> TrainedModel:
             "written by python -m snvbert.train",
             path=ckpt,
         )
-    module = SNVBertModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
-    module.eval()
+    try:
+        net = net_from_checkpoint(raw).to(device)
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise SnvbertError(
+            f"holds no snvbert network this version can load ({err}); retrain with it", path=ckpt
+        ) from err
     if not isinstance(describe.get("retrieval"), dict):
         raise SnvbertError(
             "lacks the retrieval settings of its training run; retrain with this snvbert version",
@@ -120,7 +126,7 @@ def load_trained(ckpt: str | Path, device: torch.device) -> TrainedModel:
         )
     hmm = describe.get("hmm")
     return TrainedModel(
-        module.net,
+        net,
         dict(describe),
         {**_OLD_RETRIEVAL, **describe["retrieval"]},
         None if hmm is None else HMMConfig.from_checkpoint(hmm),

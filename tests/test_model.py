@@ -393,3 +393,20 @@ def test_certain_sites_take_the_hmm_and_leave_the_network_s_sequence() -> None:
     grads = [p.grad for p in gated.parameters() if p.grad is not None]
     assert all(torch.isfinite(g).all() for g in grads)
     assert gated.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_a_checkpoint_loads_without_lightning_and_old_ones_keep_their_behaviour() -> None:
+    """impute loads the net from the checkpoint dict alone (no Lightning import); a config
+    written before model.hmm_certain existed runs the network everywhere, as it did then."""
+    from snvbert.model.net import net_from_checkpoint
+
+    module = SNVBertModule(build_net("tiny"))
+    raw = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    net = net_from_checkpoint(raw)
+    assert net.config == module.net.config and not net.training
+    for (name, a), (_, b) in zip(net.state_dict().items(), module.net.state_dict().items()):
+        assert torch.equal(a, b), name
+    old = {k: v for k, v in raw["hyper_parameters"]["net"].items() if k != "hmm_certain"}
+    assert net_from_checkpoint({**raw, "hyper_parameters": {"net": old}}).config.hmm_certain == 0
+    assert SNVBertModule(old).net.config.hmm_certain == 0
+    assert module.net.config.hmm_certain == DEFAULTS["hmm_certain"] > 0

@@ -5,11 +5,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from snvbert.bench import encoder, ingest, retrieval
+from snvbert.bench import encoder, impute, ingest, retrieval
 
 
 def main(out_dir: Path) -> None:
-    for name, bench in (("ingest", ingest), ("retrieval", retrieval), ("encoder", encoder)):
+    for name, bench in (
+        ("impute", impute),
+        ("ingest", ingest),
+        ("retrieval", retrieval),
+        ("encoder", encoder),
+    ):
         print(f"\n=== {name} ===", flush=True)
         bench.run(out_dir)
 

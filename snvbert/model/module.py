@@ -15,7 +15,7 @@ from torch import Tensor
 
 from snvbert.metrics import DosageR2, MaskedMetrics, scored_sites
 from snvbert.model.loss import focal_loss
-from snvbert.model.net import NetConfig, SNVBertNet
+from snvbert.model.net import LEGACY_NET, NetConfig, SNVBertNet
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,6 @@ TRAIN_DEFAULTS = OmegaConf.create((files("snvbert.conf") / "train.yaml").read_te
 def n_hidden(batch: Mapping[str, Tensor]) -> int:
     """Hidden sites in a batch: the weight of its per-site mean loss in an epoch mean."""
     return max(int(batch["mask"].sum()), 1)
-
-
-# What a net config stored before a key existed means: the behaviour of that version (a
-# checkpoint from before model.hmm_certain ran the network at every site).
-LEGACY_NET: dict[str, Any] = {"hmm_certain": 0.0}
 
 
 class SNVBertModule(L.LightningModule):

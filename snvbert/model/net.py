@@ -563,6 +563,22 @@ class SNVBertNet(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
+# What a net config stored before a key existed means: the behaviour of that version (a
+# checkpoint from before model.hmm_certain ran the network at every site).
+LEGACY_NET: dict[str, Any] = {"hmm_certain": 0.0}
+
+
+def net_from_checkpoint(raw: Mapping[str, Any]) -> SNVBertNet:
+    """The trained net of a checkpoint ``snvbert.train`` wrote (torch.load's dict), in eval
+    mode, without Lightning: its config from ``hyper_parameters["net"]`` (keys it lacks mean
+    what they meant when it was written, :data:`LEGACY_NET`), its weights from ``state_dict``."""
+    net = SNVBertNet({**LEGACY_NET, **raw["hyper_parameters"]["net"]})
+    prefix = "net."
+    state = {k[len(prefix) :]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
+    net.load_state_dict(state)
+    return net.eval()
+
+
 # The per-site keys of a batch, (B, L) or (B, K, L), that a selection of sites gathers.
 _SITE_KEYS = ("tokens", "pos", "af", "hmm_dose")
 _NEIGHBOUR_SITE_KEYS = ("nbr_left", "nbr_right", "nbr_alleles", "nbr_hmm")
