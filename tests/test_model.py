@@ -404,8 +404,8 @@ def test_a_checkpoint_loads_without_lightning_and_old_ones_keep_their_behaviour(
     raw = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
     net = net_from_checkpoint(raw)
     assert net.config == module.net.config and not net.training
-    for (name, a), (_, b) in zip(net.state_dict().items(), module.net.state_dict().items()):
-        assert torch.equal(a, b), name
+    theirs = module.net.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in net.state_dict().items())
     old = {k: v for k, v in raw["hyper_parameters"]["net"].items() if k != "hmm_certain"}
     assert net_from_checkpoint({**raw, "hyper_parameters": {"net": old}}).config.hmm_certain == 0
     assert SNVBertModule(old).net.config.hmm_certain == 0
