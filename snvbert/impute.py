@@ -331,7 +331,11 @@ def predict(
                     else:
                         post = block_post[in_block][:, :, lo:hi]
                     panel_post = (post, torch.from_numpy(cols).to(device))
-                batch = retrieve(batch, retriever, hmm, panel_post, readout)
+                sites = None  # with a readout, the network's chosen sites are known beforehand
+                if readout is not None:
+                    run = model.net.chosen_sites(batch["tokens"], batch["pad"], readout.dose)
+                    sites = None if run is None else torch.nonzero(run, as_tuple=True)
+                batch = retrieve(batch, retriever, hmm, panel_post, readout, sites)
                 with (
                     torch.inference_mode(),
                     torch.autocast(

@@ -39,7 +39,7 @@ from snvbert.hmm import (
     panel_dosage,
     select_by_posterior,
 )
-from snvbert.hmm.readout import PanelReadout, uniform_neighbour_posteriors
+from snvbert.hmm.readout import PanelReadout, site_interpolation, uniform_neighbour_posteriors
 
 ENGINES = ("torch", "faiss")
 INDEXES = ("flat", "ivf", "hnsw")
@@ -187,26 +187,19 @@ def neighbour_features(
     :func:`feature_columns`; every observed column when None).
     """
     b, k = idx.shape
-    observed = query != 0  # (B, C)
     if cols is None:
-        cols = feature_columns(observed, win_offset, win_len, None)  # (U,)
+        cols = feature_columns(query != 0, win_offset, win_len, None)  # (U,)
     window_cols = torch.arange(win_offset, win_offset + win_len, device=query.device)
     nbr_win = panel[:, win_offset : win_offset + win_len][idx]  # (B, K, W)
     alleles = (nbr_win > 0).float()
-
     if cols.numel() == 0:
         left = right = torch.zeros(b, k, win_len, device=query.device)
     else:
-        q_obs = observed[:, cols][:, None, :]  # (B, 1, U)
-        agree = panel[:, cols][idx] == query[:, cols][:, None, :]  # (B, K, U)
-        disagree = q_obs & ~agree
-        left_incl = _runs_inclusive(q_obs, disagree)  # (B, K, U)
-        right_incl = _runs_inclusive(q_obs.flip(-1), disagree.flip(-1)).flip(-1)
-        n_before = torch.searchsorted(cols, window_cols, right=False)  # columns < site
-        n_upto = torch.searchsorted(cols, window_cols, right=True)  # columns <= site
-        zero = torch.zeros(b, k, 1, dtype=left_incl.dtype, device=query.device)
-        left = torch.cat([zero, left_incl], -1).index_select(-1, n_before).float()
-        right = torch.cat([right_incl, zero], -1).index_select(-1, n_upto).float()
+        left_runs, right_runs, n_before, n_upto = _agreement_runs(
+            query, panel, idx, cols, window_cols
+        )
+        left = left_runs.index_select(-1, n_before).float()
+        right = right_runs.index_select(-1, n_upto).float()
 
     pad = length - win_len
     if pad:
@@ -214,6 +207,52 @@ def neighbour_features(
             torch.nn.functional.pad(t, (0, pad)) for t in (alleles, left, right)
         )
     return alleles, left, right
+
+
+def packed_neighbour_features(
+    query: Tensor,
+    panel: Tensor,
+    idx: Tensor,
+    win_offset: int,
+    cols: Tensor,
+    rows: Tensor,
+    sites: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`neighbour_features` at chosen (row, window site) pairs only, each (T, K).
+
+    rows, sites (T,) the batch row and window site of each pair (the sites the network runs at,
+    :meth:`snvbert.model.net.SNVBertNet.chosen_sites`); the cost is T x K, not B x K x W.
+    """
+    at = sites + win_offset  # context columns
+    alleles = (panel[idx[rows], at[:, None]] > 0).float()  # (T, K)
+    if cols.numel() == 0:
+        zero = torch.zeros(rows.numel(), idx.shape[1], device=query.device)
+        return alleles, zero, zero.clone()
+    left_runs, right_runs, n_before, n_upto = _agreement_runs(query, panel, idx, cols, at)
+    left = left_runs[rows, :, n_before].float()
+    right = right_runs[rows, :, n_upto].float()
+    return alleles, left, right
+
+
+def _agreement_runs(
+    query: Tensor, panel: Tensor, idx: Tensor, cols: Tensor, sites: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Agreement runs ending at (left) and starting at (right) each column, padded so that
+    index ``n_before`` / ``n_upto`` of a site reads its run strictly to the left / right.
+
+    Returns left (B, K, U + 1), right (B, K, U + 1) and, per site (context columns),
+    n_before (columns < site) and n_upto (columns <= site)."""
+    observed = query != 0  # (B, C)
+    q_obs = observed[:, cols][:, None, :]  # (B, 1, U)
+    agree = panel[:, cols][idx] == query[:, cols][:, None, :]  # (B, K, U)
+    disagree = q_obs & ~agree
+    left_incl = _runs_inclusive(q_obs, disagree)  # (B, K, U)
+    right_incl = _runs_inclusive(q_obs.flip(-1), disagree.flip(-1)).flip(-1)
+    n_before = torch.searchsorted(cols, sites, right=False)
+    n_upto = torch.searchsorted(cols, sites, right=True)
+    b, k = idx.shape
+    zero = torch.zeros(b, k, 1, dtype=left_incl.dtype, device=query.device)
+    return torch.cat([zero, left_incl], -1), torch.cat([right_incl, zero], -1), n_before, n_upto
 
 
 def _runs_inclusive(observed: Tensor, disagree: Tensor) -> Tensor:
@@ -256,6 +295,7 @@ def retrieve(
     hmm: HMMConfig | None = None,
     panel_post: tuple[Tensor, Tensor] | None = None,
     readout: PanelReadout | None = None,
+    sites: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Replace the panel inputs of a batch by its K neighbours and their per-site features.
 
@@ -268,6 +308,9 @@ def retrieve(
     HMM inputs (:data:`CHROMOSOME_HMM_KEYS`) instead. ``readout`` (with ``hmm.states`` panel
     and ``select`` score) gives the HMM's P(ALT) and the neighbours' posteriors themselves,
     computed beforehand (imputation on a CPU, from the compiled kernel's compact posteriors).
+    With it, ``sites`` (rows, window sites) (T,) asks for the neighbour features at those pairs
+    only, packed: ``nbr_alleles``, ``nbr_left``, ``nbr_right``, ``nbr_hmm`` (T, K) and
+    ``packed_rows``, ``packed_sites`` (the network's chosen sites; it runs over them alone).
     """
     ctx_morgan = batch.pop("ctx_morgan")
     query = batch.pop("query_ctx")
@@ -297,6 +340,12 @@ def retrieve(
     else:
         scores, idx, valid = retriever.search(query, panel, jitter, exclude)
     length = batch["tokens"].shape[1]
+    if sites is not None:
+        if readout is None:
+            raise ValueError("packed neighbour features need a precomputed readout")
+        return _packed(
+            batch, query, panel, idx, valid, scores, panel_hap, off, readout, sites, ctx_morgan
+        )
     alleles, left, right = neighbour_features(query, panel, idx, off, n, length, cols)
     keep = valid[:, :, None].float()
     if readout is not None:
@@ -337,5 +386,46 @@ def retrieve(
         nbr_alleles=alleles * keep,
         nbr_left=left * keep,
         nbr_right=right * keep,
+    )
+    return batch
+
+
+def _packed(
+    batch: dict[str, Tensor],
+    query: Tensor,
+    panel: Tensor,
+    idx: Tensor,
+    valid: Tensor,
+    scores: Tensor,
+    panel_hap: Tensor,
+    off: int,
+    readout: PanelReadout,
+    sites: tuple[Tensor, Tensor],
+    ctx_morgan: Tensor,
+) -> dict[str, Tensor]:
+    """retrieve's packed ending: per chosen (row, site) pair and neighbour, (T, K)."""
+    rows, at = sites
+    cols = readout.cols
+    alleles, left, right = packed_neighbour_features(query, panel, idx, off, cols, rows, at)
+    keep = valid[rows].float()  # (T, K)
+    if cols.numel() == 0 or rows.numel() == 0:
+        n_valid = valid.float().sum(1, keepdim=True).clamp(min=1.0)
+        hmm = (valid.float() / n_valid)[rows]
+    else:
+        post = readout.neighbours(idx) * valid[:, :, None]  # (B, K, U)
+        lo, hi, w = site_interpolation(cols, ctx_morgan, off, int(at.max()) + 1)
+        w = w[at][:, None]
+        hmm = (1 - w) * post[rows, :, lo[at]] + w * post[rows, :, hi[at]]
+    batch["hmm_dose"] = readout.dose
+    batch.update(
+        nbr_hap=torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
+        nbr_valid=valid,
+        nbr_score=scores,
+        nbr_alleles=alleles * keep,
+        nbr_left=left * keep,
+        nbr_right=right * keep,
+        nbr_hmm=hmm,
+        packed_rows=rows,
+        packed_sites=at,
     )
     return batch

@@ -408,42 +408,60 @@ class SNVBertNet(nn.Module):
         sequence with attention kept within each row (cost in proportion to the sites chosen),
         or each row padded to the longest, whichever costs fewer operations.
         """
+        if "packed_rows" in batch:  # neighbour features made at the chosen sites only
+            rows, sites = batch["packed_rows"], batch["packed_sites"]
+            return self._forward_chosen(batch, rows, sites, True, return_weights)
         run = self.uncertain_sites(batch)
         if run is None:
             out = self._forward(batch, return_weights)
             out["ran"] = ~batch["pad"]
             return out
-        skip = self._skip_logits(batch)  # (B, L)
         rows, sites = torch.nonzero(run, as_tuple=True)
-        if rows.numel() == 0:  # the HMM is certain everywhere: nothing to run
-            out = {"logits": skip, "fusion_entropy": skip.new_tensor(float("nan")), "ran": run}
-            if return_weights:
-                k = batch["nbr_valid"].shape[1]
-                h = self.config.fusion_heads
-                out["fusion_weights"] = skip.new_zeros(*skip.shape[:1], h, skip.shape[1], k)
-            return out
         B, L = run.shape
         width = int(run.sum(1).max())
         if self._cost(rows.numel(), rows.numel() ** 2) <= self._cost(B * width, B * width**2):
-            out = self._forward(_packed_sites(batch, rows, sites), return_weights, packed=True)
-            out["logits"] = skip.index_put((rows, sites), out["logits"][0].float())
-            if "fusion_weights" in out:  # (T, 1, H, K) back at the window's sites
-                w = out["fusion_weights"][:, 0]
-                full = w.new_zeros(B, L, *w.shape[1:])
-                out["fusion_weights"] = full.index_put((rows, sites), w).permute(0, 2, 1, 3)
-        else:
-            # chosen sites first, each group in site order (a stable sort of 0/1 keys)
-            order = torch.sort((~run).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-            unused = ~run.gather(1, order)
-            out = self._forward(_gather_sites(batch, order, unused), return_weights)
-            logits = torch.where(unused, skip.gather(1, order), out["logits"].float())
-            out["logits"] = skip.scatter(1, order, logits)
-            if "fusion_weights" in out:  # back at the window's sites, 0 where it did not run
-                w = out["fusion_weights"]  # (B, H, L', K)
-                full = w.new_zeros(w.shape[0], w.shape[1], L, w.shape[3])
-                index = order[:, None, :, None].expand_as(w)
-                out["fusion_weights"] = full.scatter(2, index, w * ~unused[:, None, :, None])
+            return self._forward_chosen(batch, rows, sites, False, return_weights)
+        # padded: each row's chosen sites first, in site order (a stable sort of 0/1 keys)
+        skip = self._skip_logits(batch)  # (B, L)
+        order = torch.sort((~run).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+        unused = ~run.gather(1, order)
+        out = self._forward(_gather_sites(batch, order, unused), return_weights)
+        logits = torch.where(unused, skip.gather(1, order), out["logits"].float())
+        out["logits"] = skip.scatter(1, order, logits)
+        if "fusion_weights" in out:  # back at the window's sites, 0 where it did not run
+            w = out["fusion_weights"]  # (B, H, L', K)
+            full = w.new_zeros(w.shape[0], w.shape[1], L, w.shape[3])
+            index = order[:, None, :, None].expand_as(w)
+            out["fusion_weights"] = full.scatter(2, index, w * ~unused[:, None, :, None])
         out["ran"] = run
+        return out
+
+    def _forward_chosen(
+        self,
+        batch: Mapping[str, Tensor],
+        rows: Tensor,
+        sites: Tensor,
+        neighbours_packed: bool,
+        return_weights: bool = False,
+    ) -> dict[str, Tensor]:
+        """The network packed over the chosen (row, site) pairs (T,), the skip elsewhere."""
+        skip = self._skip_logits(batch)  # (B, L)
+        B, L = skip.shape
+        ran = torch.zeros_like(batch["pad"]).index_put((rows, sites), torch.ones_like(rows).bool())
+        if rows.numel() == 0:  # the HMM is certain everywhere: nothing to run
+            out = {"logits": skip, "fusion_entropy": skip.new_tensor(float("nan")), "ran": ran}
+            if return_weights:
+                k, h = batch["nbr_valid"].shape[1], self.config.fusion_heads
+                out["fusion_weights"] = skip.new_zeros(B, h, L, k)
+            return out
+        packed = _packed_sites(batch, rows, sites, neighbours_packed)
+        out = self._forward(packed, return_weights, packed=True)
+        out["logits"] = skip.index_put((rows, sites), out["logits"][0].float())
+        if "fusion_weights" in out:  # (T, 1, H, K) back at the window's sites
+            w = out["fusion_weights"][:, 0]
+            full = w.new_zeros(B, L, *w.shape[1:])
+            out["fusion_weights"] = full.index_put((rows, sites), w).permute(0, 2, 1, 3)
+        out["ran"] = ran
         return out
 
     def _cost(self, tokens: int, pairs: int) -> float:
@@ -455,12 +473,17 @@ class SNVBertNet(nn.Module):
         """Where the network runs (``hmm_certain`` > 0), (B, L) bool: every typed site and every
         hidden one whose HMM P(ALT) is more than ``hmm_certain`` from 0 and 1; None when it runs
         everywhere."""
+        if "hmm_dose" not in batch or "nbr_alleles" not in batch:
+            return None
+        return self.chosen_sites(batch["tokens"], batch["pad"], batch["hmm_dose"])
+
+    def chosen_sites(self, tokens: Tensor, pad: Tensor, dose: Tensor) -> Tensor | None:
+        """:meth:`uncertain_sites` from the tokens, pad and the HMM's P(ALT) (B, L) alone (so
+        imputation knows them before retrieval); None when the network runs everywhere."""
         eps = self.config.hmm_certain
-        if not eps or not self.config.hmm_skip or "hmm_dose" not in batch:
+        if not eps or not self.config.hmm_skip or not self.fusion:
             return None
-        if "nbr_alleles" not in batch or not self.fusion:
-            return None
-        tokens, pad, dose = batch["tokens"], batch["pad"], batch["hmm_dose"].float()
+        dose = dose.float()
         certain = (tokens == MASK) & ((dose <= eps) | (dose >= 1.0 - eps))
         return ~pad & ~certain
 
@@ -584,16 +607,21 @@ _SITE_KEYS = ("tokens", "pos", "af", "hmm_dose")
 _NEIGHBOUR_SITE_KEYS = ("nbr_left", "nbr_right", "nbr_alleles", "nbr_hmm")
 
 
-def _packed_sites(batch: Mapping[str, Tensor], rows: Tensor, sites: Tensor) -> dict[str, Tensor]:
+def _packed_sites(
+    batch: Mapping[str, Tensor], rows: Tensor, sites: Tensor, neighbours_packed: bool = False
+) -> dict[str, Tensor]:
     """The chosen sites (rows, sites) (T,) of a batch as one row (1, T): per-site keys
-    (1, T), the neighbour keys per site (T, K, 1) and (T, K), ``segment`` each site's row."""
+    (1, T), the neighbour keys per site (T, K, 1) and (T, K), ``segment`` each site's row.
+    ``neighbours_packed``: the batch's neighbour keys are already (T, K) (retrieve made them
+    at these sites only)."""
     out: dict[str, Tensor] = {}
     for key in _SITE_KEYS:
         if key in batch:
             out[key] = batch[key][rows, sites][None]
     for key in _NEIGHBOUR_SITE_KEYS:
         if key in batch:
-            out[key] = batch[key][rows, :, sites][:, :, None]  # (T, K, 1)
+            t = batch[key]
+            out[key] = (t if neighbours_packed else t[rows, :, sites])[:, :, None]  # (T, K, 1)
     for key in ("nbr_valid", "nbr_score"):
         if key in batch:
             out[key] = batch[key][rows]
