@@ -498,3 +498,46 @@ def test_packed_features_at_the_chosen_sites_equal_the_dense_ones(
     dense = imp.predict(*args, **kwargs)
     assert not np.isnan(packed).any()
     assert np.allclose(packed, dense, atol=1e-5)
+
+
+def test_progress_is_logged_as_lines_off_a_terminal(caplog) -> None:
+    """Under SLURM or nohup (stderr not a terminal) progress is plain log lines with done,
+    total and an ETA, not a silent bar; on a terminal it is tqdm's bar; disabled, nothing."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from snvbert.utils.progress import LineProgress, progress
+
+    log = logging.getLogger("snvbert.test.progress")
+    with caplog.at_level(logging.INFO, logger="snvbert.test.progress"):
+        bar = progress(4, "imputing", "windows", log, every=0.0, stream=io.StringIO())
+        assert isinstance(bar, LineProgress)
+        for _ in range(4):
+            bar.update()
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("imputing: 1/4 windows (25 %)") and "ETA" in lines[0]
+    assert lines[-1].startswith("imputing: 4/4 windows (100 %)")
+    assert len(lines) == 4  # one a step (every=0), the last once
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress(4, "x", "y", log, stream=Terminal()), tqdm)
+    quiet = progress(4, "x", "y", log, enabled=False, stream=io.StringIO())
+    assert isinstance(quiet, tqdm) and quiet.disable
+
+
+def test_threads_setting_is_checked(tiny_sim: Path, tmp_path: Path) -> None:
+    """threads= sets the CPU threads; less than one is a one-line error naming the setting."""
+    with pytest.raises(SnvbertError, match="threads=0"):
+        imp.impute(
+            tmp_path / "none.ckpt",
+            tiny_sim / "panel.vcf.gz",
+            tiny_sim / "array.vcf.gz",
+            tmp_path / "out.vcf.gz",
+            threads=0,
+        )
