@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(FAISS)
 APT_TOOLS := bcftools tabix
 PYTEST_ARGS ?=
 
-.PHONY: help install tools demo test test-slow bench bench-accuracy lint clean
+.PHONY: help install tools baselines demo test test-slow bench bench-accuracy lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
@@ -47,13 +47,15 @@ test: install ## Run the test suite (fast tests; slow ones: make test-slow)
 test-slow: install ## Run the slow end-to-end tests
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-bench: install ## Quick benchmarks: ingest, retrieval, dataloader, training throughput (outputs/bench/)
-	$(PY) -m snvbert.bench
-
-bench-accuracy: install ## Long run: snvbert vs Beagle 5.4 vs Minimac4 on two simulated 5 Mb panels
+baselines: ## Install what snvbert is measured against (Beagle 5.4, Minimac4) from Debian if missing
 	@command -v beagle >/dev/null && command -v minimac4 >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq beagle minimac4 >/dev/null; }
+
+bench: install baselines ## Benchmarks: impute wall time and RSS vs Beagle and Minimac4 (5 Mb), ingest, retrieval, encoder (outputs/bench/)
+	$(PY) -m snvbert.bench
+
+bench-accuracy: install baselines ## Long run: snvbert vs Beagle 5.4 vs Minimac4 on two simulated 5 Mb panels
 	$(PY) -m snvbert.bench.accuracy --train-minutes 30 --bootstrap 100  # tuned on: seed 1, OutOfAfrica_3G09
 	$(PY) -m snvbert.bench.accuracy --train-minutes 30 --bootstrap 100 --seed 2 --demography OutOfAfrica_2T12 --out outputs/bench/accuracy-confirm  # never tuned on
 
