@@ -290,9 +290,8 @@ def predict(
             for local in batches:
                 people = people_block[local]
                 in_block = np.stack([2 * local, 2 * local + 1], 1).ravel()
-                rows = np.stack(
-                    [2 * people, 2 * people + 1], 1
-                ).ravel()  # rows 2i, 2i+1: one person
+                # rows 2i, 2i+1: one person
+                rows = np.stack([2 * people, 2 * people + 1], 1).ravel()
                 persons = block_persons[in_block]
                 haps = np.where(persons >= 0, 2 * persons + np.tile([0, 1], len(people)), -1 - rows)
                 calls = typed_alleles[lo:hi, rows].T  # (B, m_w) 0/1, -1 missing

@@ -122,7 +122,6 @@ def _impute_job(job: dict[str, str], threads: int) -> dict[str, Any]:
         job["out"],
         cache_dir=job["cache_dir"],
         progress=False,
-        batch_size=50,
         genetic_map=job["genetic_map"],
     )
 

@@ -344,7 +344,18 @@ def retrieve(
         if readout is None:
             raise ValueError("packed neighbour features need a precomputed readout")
         return _packed(
-            batch, query, panel, idx, valid, scores, panel_hap, off, readout, sites, ctx_morgan
+            batch,
+            query,
+            panel,
+            idx,
+            valid,
+            scores,
+            panel_hap,
+            off,
+            readout,
+            sites,
+            ctx_morgan,
+            cols,
         )
     alleles, left, right = neighbour_features(query, panel, idx, off, n, length, cols)
     keep = valid[:, :, None].float()
@@ -402,11 +413,14 @@ def _packed(
     readout: PanelReadout,
     sites: tuple[Tensor, Tensor],
     ctx_morgan: Tensor,
+    run_cols: Tensor,
 ) -> dict[str, Tensor]:
-    """retrieve's packed ending: per chosen (row, site) pair and neighbour, (T, K)."""
+    """retrieve's packed ending: per chosen (row, site) pair and neighbour, (T, K); the
+    agreement runs over ``run_cols`` (the dense path's feature columns), the HMM's posteriors
+    interpolated between the readout's columns."""
     rows, at = sites
+    alleles, left, right = packed_neighbour_features(query, panel, idx, off, run_cols, rows, at)
     cols = readout.cols
-    alleles, left, right = packed_neighbour_features(query, panel, idx, off, cols, rows, at)
     keep = valid[rows].float()  # (T, K)
     if cols.numel() == 0 or rows.numel() == 0:
         n_valid = valid.float().sum(1, keepdim=True).clamp(min=1.0)
