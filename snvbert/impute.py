@@ -17,12 +17,15 @@ The steps, each of which names what it changed:
    through unchanged. Too little overlap means another build or chromosome: an error.
 3. **Queries.** Each target haplotype is observed at its matched, non-missing sites and hidden
    everywhere else: untyped panel sites and missing calls alike are predicted.
-4. **Windows** exactly as in training; per window, batches of target people are assembled,
-   their neighbours retrieved from the reference haplotypes, and the network run. Each site
-   takes the prediction of the one window whose core holds it. The Li–Stephens feature over
-   the panel runs once per chunk of people over the whole chromosome's typed sites (switch
-   rates from the genetic map the model was trained with, or ``genetic_map=``), not once per
-   window (:class:`snvbert.hmm.ChromosomeHMM`; its mismatch rate fitted to the targets by EM).
+4. **Windows** exactly as in training. The Li–Stephens HMM over the reference runs once per
+   block of target people over the whole chromosome's typed sites (switch rates from the
+   genetic map the model was trained with, or ``genetic_map=``; its mismatch rate fitted to the
+   targets by EM; :class:`snvbert.hmm.ChromosomeHMM`, compiled for the CPU in
+   :mod:`snvbert.hmm.kernel`), and gives P(ALT) at every site. Per window, the reference's
+   context is built once per block; per batch of people the neighbours are retrieved and the
+   network run at the sites where the HMM is not already certain (``model.hmm_certain``;
+   elsewhere the HMM's answer stands), their neighbour features made for those sites alone.
+   Each site takes the prediction of the one window whose core holds it.
 5. **Output** (:mod:`snvbert.data.vcf_writer`): a bgzipped, tabix-indexed VCF with phased GT, DS
    and GP per sample and AF, DR2 and IMP per site, as Beagle 5 writes them; written atomically.
 
