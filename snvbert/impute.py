@@ -66,7 +66,7 @@ from snvbert.hmm import (
     ibs_by_default,
     kernel,
 )
-from snvbert.hmm.readout import PanelReadout, site_interpolation
+from snvbert.hmm.readout import PanelReadout
 from snvbert.utils.cli import user_errors_exit
 from snvbert.utils.progress import progress as progress_bar
 
@@ -231,15 +231,8 @@ def predict(
         panel_pm = np.ascontiguousarray(plus_minus(np.asarray(panel.haplotypes)[:, ref_haps]).T)
     readouts = compact and hmm.select == "score"  # P(ALT) and neighbours' posteriors precomputed
     if readouts:
-        carriers = kernel.MinorCarriers.from_panel(panel.haplotypes, ref_haps)
-        left, right, w = (
-            t.numpy()
-            for t in site_interpolation(
-                torch.from_numpy(np.asarray(typed_sites, dtype=np.int64)),
-                torch.from_numpy(np.asarray(morgans, dtype=np.float64)),
-                0,
-                panel.n_sites,
-            )
+        sparse = kernel.ChromosomeReadout.from_panel(
+            panel.haplotypes, ref_haps, typed_sites, morgans
         )
     # Blocks of people: the HMM runs once per block over the whole chromosome, then each
     # window's panel context is built once per block and serves every batch of it. On a CPU a
@@ -262,9 +255,7 @@ def predict(
             if compact:
                 block_post = chromosome.compact_posteriors(q, allowed, float(hmm.err))
                 if readouts:  # the HMM's P(ALT) at every site, (n_sites, block haplotypes)
-                    block_dose = kernel.sparse_dosage(
-                        block_post, carriers, len(ref_haps), left, right, w
-                    )
+                    block_dose = sparse.dosage(block_post)
             else:
                 block_post = chromosome.posteriors(q, allowed, float(hmm.err))
         batches = [

@@ -57,6 +57,32 @@ def _run(cmd: list[str], log_path: Path) -> float:
     return time.perf_counter() - started
 
 
+def beagle_imputation(
+    beagle: str, ref: Path, gt: Path, gmap: Path, out: Path, threads: int
+) -> list[str]:
+    """Beagle 5.4's command line imputing ``gt`` against ``ref`` (writes ``out``.vcf.gz)."""
+    return [beagle, f"ref={ref}", f"gt={gt}", f"map={gmap}", f"out={out}", f"nthreads={threads}"]
+
+
+def minimac4_imputation(
+    minimac4: str, msav: Path, query: Path, out: Path, threads: int
+) -> list[str]:
+    """Minimac4's command line imputing the phased ``query`` against the compressed ``msav``."""
+    return [
+        minimac4,
+        str(msav),
+        str(query),
+        "-o",
+        str(out),
+        "-O",
+        "vcf.gz",
+        "-f",
+        "GT,DS,GP",
+        "-t",
+        str(threads),
+    ]
+
+
 def _dd_hh_mm_ss(minutes: float) -> str:
     """Lightning's max_time string for a budget in minutes."""
     s = max(1, round(minutes * 60))
@@ -244,32 +270,15 @@ def run(
         if beagle:
             # Beagle gets the raw array: in the realistic case it phases and imputes in one run.
             case_times[case]["beagle"] = _run(
-                [
-                    beagle,
-                    f"ref={panel}",
-                    f"gt={array}",
-                    f"map={sim / 'map.plink'}",
-                    f"out={work / 'beagle'}",
-                    f"nthreads={threads}",
-                ],
+                beagle_imputation(
+                    beagle, panel, array, sim / "map.plink", work / "beagle", threads
+                ),
                 work / "beagle.log",
             )
             files["beagle"] = work / "beagle.vcf.gz"
         if minimac4:
             case_times[case]["minimac4"] = _run(
-                [
-                    minimac4,
-                    str(msav),
-                    str(query),
-                    "-o",
-                    str(work / "minimac4.vcf.gz"),
-                    "-O",
-                    "vcf.gz",
-                    "-f",
-                    "GT,DS,GP",
-                    "-t",
-                    str(threads),
-                ],
+                minimac4_imputation(minimac4, msav, query, work / "minimac4.vcf.gz", threads),
                 work / "minimac4.log",
             )
             files["minimac4"] = work / "minimac4.vcf.gz"

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from snvbert.bench.accuracy import beagle_imputation, minimac4_imputation
 from snvbert.errors import SnvbertError
 from snvbert.utils.io import atomic_path
 
@@ -113,14 +114,7 @@ def run(out_dir: str | Path, *, size: str = "5mb", seed: int = 1, threads: int =
     beagle = shutil.which("beagle")
     if beagle:
         rows["Beagle 5.4"] = measure(
-            [
-                beagle,
-                f"ref={panel}",
-                f"gt={array}",
-                f"map={gmap}",
-                f"out={out / 'beagle'}",
-                f"nthreads={threads}",
-            ],
+            beagle_imputation(beagle, panel, array, gmap, out / "beagle", threads),
             out / "beagle.log",
         )
     minimac4 = shutil.which("minimac4")
@@ -131,19 +125,7 @@ def run(out_dir: str | Path, *, size: str = "5mb", seed: int = 1, threads: int =
             out / "minimac4-compress.log",
         )
         rows["Minimac4"] = measure(
-            [
-                minimac4,
-                str(msav),
-                str(array),
-                "-o",
-                str(out / "minimac4.vcf.gz"),
-                "-O",
-                "vcf.gz",
-                "-f",
-                "GT,DS,GP",
-                "-t",
-                str(threads),
-            ],
+            minimac4_imputation(minimac4, msav, array, out / "minimac4.vcf.gz", threads),
             out / "minimac4.log",
         )
     base = rows.get("Beagle 5.4", {}).get("seconds")

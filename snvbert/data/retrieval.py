@@ -390,14 +390,7 @@ def retrieve(
         else:  # over the K neighbour states, whose posterior sums to 1
             post = batch["nbr_hmm"] * valid[:, :, None]
             batch["hmm_dose"] = (post * alleles).sum(1) / post.sum(1).clamp(min=1e-12)
-    batch.update(
-        nbr_hap=torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
-        nbr_valid=valid,
-        nbr_score=scores,
-        nbr_alleles=alleles * keep,
-        nbr_left=left * keep,
-        nbr_right=right * keep,
-    )
+    batch.update(_neighbour_keys(idx, valid, scores, panel_hap, alleles, left, right, keep))
     return batch
 
 
@@ -431,15 +424,27 @@ def _packed(
         w = w[at][:, None]
         hmm = (1 - w) * post[rows, :, lo[at]] + w * post[rows, :, hi[at]]
     batch["hmm_dose"] = readout.dose
-    batch.update(
-        nbr_hap=torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
-        nbr_valid=valid,
-        nbr_score=scores,
-        nbr_alleles=alleles * keep,
-        nbr_left=left * keep,
-        nbr_right=right * keep,
-        nbr_hmm=hmm,
-        packed_rows=rows,
-        packed_sites=at,
-    )
+    batch.update(_neighbour_keys(idx, valid, scores, panel_hap, alleles, left, right, keep))
+    batch.update(nbr_hmm=hmm, packed_rows=rows, packed_sites=at)
     return batch
+
+
+def _neighbour_keys(
+    idx: Tensor,
+    valid: Tensor,
+    scores: Tensor,
+    panel_hap: Tensor,
+    alleles: Tensor,
+    left: Tensor,
+    right: Tensor,
+    keep: Tensor,
+) -> dict[str, Tensor]:
+    """The neighbour keys of a batch; per-site features zeroed (``keep``) at invalid ones."""
+    return {
+        "nbr_hap": torch.where(valid, panel_hap[idx], torch.full_like(idx, -1)),
+        "nbr_valid": valid,
+        "nbr_score": scores,
+        "nbr_alleles": alleles * keep,
+        "nbr_left": left * keep,
+        "nbr_right": right * keep,
+    }

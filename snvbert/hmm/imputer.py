@@ -5,7 +5,7 @@ over the typed sites (:class:`~snvbert.hmm.chromosome.ChromosomeHMM`, the engine
 imputation runs) gives each state's posterior there, an untyped site takes it interpolated in
 genetic position between its flanking typed sites, and P(ALT) is the posterior mass on panel
 haplotypes carrying ALT, summed over the carriers of each site's minor allele only
-(:func:`~snvbert.hmm.kernel.sparse_dosage`; the compiled CPU kernels of :mod:`snvbert.hmm.kernel`). It reads targets and
+(:class:`~snvbert.hmm.kernel.ChromosomeReadout`, compiled for the CPU). It reads targets and
 writes VCFs as :mod:`snvbert.impute` does (:mod:`snvbert.data.sites`,
 :mod:`snvbert.data.vcf_writer`), and needs neither the network nor Lightning nor Hydra.
 """
@@ -28,7 +28,6 @@ from snvbert.data.vcf_writer import write_imputed
 from snvbert.hmm import kernel
 from snvbert.hmm.chromosome import ChromosomeHMM
 from snvbert.hmm.config import IBSConfig
-from snvbert.hmm.readout import site_interpolation
 
 # The mismatch rate EM starts from.
 ERR_START = 0.002
@@ -66,16 +65,7 @@ def impute_hmm(
     err = float(err)
 
     probs = np.empty((pan.n_sites, calls.shape[1]), dtype=np.float32)
-    carriers = kernel.MinorCarriers.from_panel(pan.haplotypes, every)
-    left, right, w = (
-        t.numpy()
-        for t in site_interpolation(
-            torch.from_numpy(np.asarray(typed, dtype=np.int64)),
-            torch.from_numpy(np.asarray(morgans, dtype=np.float64)),
-            0,
-            pan.n_sites,
-        )
-    )
+    readout = kernel.ChromosomeReadout.from_panel(pan.haplotypes, every, typed, morgans)
     for start in tqdm(
         range(0, calls.shape[1], batch_haps),
         desc="HMM",
@@ -86,7 +76,7 @@ def impute_hmm(
         q = query[:, cols]
         allowed = torch.ones(q.shape[1], pan.n_haps, dtype=torch.bool)
         post = hmm.compact_posteriors(q, allowed, err)  # each query over its own states
-        probs[:, cols] = kernel.sparse_dosage(post, carriers, pan.n_haps, left, right, w)
+        probs[:, cols] = readout.dosage(post)
     n = write_imputed(
         Path(out),
         pan,

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+import torch
 from numba import njit, prange
+
+from snvbert.hmm.readout import site_interpolation
 
 # The float below which a normaliser is treated as 0 (the torch pass's clamp).
 _TINY = 1e-30
@@ -378,18 +381,11 @@ def posteriors(
     alleles (U, N) int8 +-1 the states' alleles at the columns; state_ok (B, N) bool; switch
     (U,) the jump probability before each column (:func:`~snvbert.hmm.model.switch_probabilities`).
     """
-    idx, n = compact_states(state_ok)
+    args = _hmm_arguments(alleles, query, state_ok, switch, err)
+    idx = args[2]
     out = np.empty((query.shape[1], alleles.shape[0], idx.shape[1]), dtype=np.float32)
-    _posteriors(
-        np.ascontiguousarray(alleles, dtype=np.int8),
-        np.ascontiguousarray(query, dtype=np.int8),
-        idx,
-        n,
-        np.ascontiguousarray(switch, dtype=np.float64),
-        float(err),
-        out,
-    )
-    return CompactPosteriors(out, idx, n)
+    _posteriors(*args, out)
+    return CompactPosteriors(out, idx, args[3])
 
 
 def mismatches(
@@ -401,18 +397,25 @@ def mismatches(
 ) -> np.ndarray:
     """(B,) float64: each query's posterior expected number of mismatching observed alleles
     (the EM statistic of :func:`snvbert.hmm.em.estimate_err`), with no posterior kept."""
-    idx, n = compact_states(state_ok)
     out = np.empty(query.shape[1], dtype=np.float64)
-    _mismatches(
+    _mismatches(*_hmm_arguments(alleles, query, state_ok, switch, err), out)
+    return out
+
+
+def _hmm_arguments(
+    alleles: np.ndarray, query: np.ndarray, state_ok: np.ndarray, switch: np.ndarray, err: float
+) -> tuple:
+    """The compiled forward–backward's arguments, in its dtypes: alleles, query, idx, n,
+    switch, err."""
+    idx, n = compact_states(state_ok)
+    return (
         np.ascontiguousarray(alleles, dtype=np.int8),
         np.ascontiguousarray(query, dtype=np.int8),
         idx,
         n,
         np.ascontiguousarray(switch, dtype=np.float64),
         float(err),
-        out,
     )
-    return out
 
 
 @dataclass
@@ -450,6 +453,41 @@ class MinorCarriers:
                 np.asarray(haplotypes[lo : lo + chunk]), ref_haps, ptr, carriers, minor_alt, lo
             )
         return cls(ptr, carriers, minor_alt)
+
+
+@dataclass
+class ChromosomeReadout:
+    """Everything the sparse read-out of a chromosome needs besides the posteriors: the minor
+    allele's carriers at every panel site and each site's interpolation between the typed
+    columns either side; :meth:`dosage` reads P(ALT) (n_sites, B) at every site."""
+
+    carriers: MinorCarriers
+    n_states: int
+    left: np.ndarray
+    right: np.ndarray
+    w: np.ndarray
+
+    @classmethod
+    def from_panel(
+        cls,
+        haplotypes: np.ndarray,
+        ref_haps: np.ndarray,
+        typed_sites: np.ndarray,
+        morgans: np.ndarray,
+    ) -> ChromosomeReadout:
+        """haplotypes (n_sites, n_haps) 0/1; ref_haps (N,) the states; typed_sites (U,) the
+        HMM's columns (increasing panel site indices); morgans (n_sites,)."""
+        left, right, w = site_interpolation(
+            torch.from_numpy(np.asarray(typed_sites, dtype=np.int64)),
+            torch.from_numpy(np.asarray(morgans, dtype=np.float64)),
+            0,
+            haplotypes.shape[0],
+        )
+        carriers = MinorCarriers.from_panel(haplotypes, ref_haps)
+        return cls(carriers, len(ref_haps), left.numpy(), right.numpy(), w.numpy())
+
+    def dosage(self, post: CompactPosteriors) -> np.ndarray:
+        return sparse_dosage(post, self.carriers, self.n_states, self.left, self.right, self.w)
 
 
 def sparse_dosage(
