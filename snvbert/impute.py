@@ -49,7 +49,7 @@ import torch
 from omegaconf import DictConfig
 
 from snvbert.config import filled
-from snvbert.data.batch import assemble_batch, panel_inputs
+from snvbert.data.batch import MASK, assemble_batch, panel_inputs
 from snvbert.data.encoding import call_code, plus_minus
 from snvbert.data.genetic_map import genetic_positions
 from snvbert.data.retrieval import Retriever, retrieve
@@ -324,10 +324,16 @@ def predict(
                     else:
                         post = block_post[in_block][:, :, lo:hi]
                     panel_post = (post, torch.from_numpy(cols).to(device))
+                cs, ce = window.core_start - window.start, window.core_end - window.start
                 sites = None  # with a readout, the network's chosen sites are known beforehand
                 if readout is not None:
                     run = model.net.chosen_sites(batch["tokens"], batch["pad"], readout.dose)
-                    sites = None if run is None else torch.nonzero(run, as_tuple=True)
+                    if run is not None:
+                        # a row whose core holds no hidden site the net runs at keeps the HMM's
+                        # answer there: its typed sites need not run either
+                        hidden_core = batch["tokens"][:, cs:ce] == MASK
+                        run &= (run[:, cs:ce] & hidden_core).any(1, keepdim=True)
+                        sites = torch.nonzero(run, as_tuple=True)
                 batch = retrieve(batch, retriever, hmm, panel_post, readout, sites)
                 with (
                     torch.inference_mode(),
@@ -337,7 +343,6 @@ def predict(
                 ):
                     logits = model.net(batch)["logits"]
                 p = torch.sigmoid(logits.float())[:, : window.length].cpu().numpy()  # (B, W)
-                cs, ce = window.core_start - window.start, window.core_end - window.start
                 probs[window.core_start : window.core_end, rows] = p[:, cs:ce].T
                 bar.update()
     bar.close()

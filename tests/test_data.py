@@ -14,7 +14,8 @@ from snvbert.config import datamodule, retriever
 from snvbert.data import masks as M
 from snvbert.data.curriculum import Curriculum
 from snvbert.data.datamodule import SNVDataModule, WindowBatchSampler
-from snvbert.data.retrieval import neighbour_features, retrieve
+from snvbert.data.agreement import packed_runs
+from snvbert.data.retrieval import _agreement_runs, neighbour_features, retrieve
 from snvbert.data.windows import make_windows, split_people
 
 LEVELS = [{"strategy": "random", "rate": 0.3}, {"strategy": "array", "spacing_bp": 5000}]
@@ -649,3 +650,32 @@ def test_hmm_scope_chromosome_gives_training_the_chromosome_wide_hmm(tiny_sim, c
     ):
         with pytest.raises(SnvbertError, match=match):
             make_dm(tiny_sim, cache_dir, hmm={**hmm, **bad})
+
+
+
+def test_compiled_agreement_runs_equal_the_cumulative_maximum_definition() -> None:
+    """packed_runs (numba, CPU) reads the runs neighbour_features defines by cumulative maxima:
+    at sites before the first and after the last feature column, on them and between, with
+    unobserved columns carried over, for rows with several pairs, one or none."""
+    g = torch.Generator().manual_seed(3)
+    B, N, C, K = 5, 40, 90, 7
+    panel = (torch.randint(0, 2, (N, C), generator=g) * 2 - 1).to(torch.int8)
+    idx = torch.randint(0, N, (B, K), generator=g)
+    # queries copy a neighbour with a few mismatches, some columns unobserved
+    query = panel[idx[:, 0]].clone()
+    flip = torch.rand(B, C, generator=g) < 0.1
+    query[flip] = -query[flip]
+    query[torch.rand(B, C, generator=g) < 0.3] = 0
+    cols = torch.nonzero((query != 0).any(0)).squeeze(1)
+    rows = torch.tensor([0, 0, 0, 2, 3, 3, 3, 3])  # rows 1 and 4: no pair
+    at = torch.tensor([0, int(cols[0]), 45, 46, C - 1, int(cols[-1]), 10, 80])
+    left_runs, right_runs, n_before, n_upto = _agreement_runs(query, panel, idx, cols, at)
+    expected_left, expected_right = left_runs[rows, :, n_before], right_runs[rows, :, n_upto]
+    args = [query[:, cols], panel[:, cols], idx, rows, n_before, n_upto]
+    left, right = packed_runs(*(t.numpy() for t in args))
+    assert torch.equal(torch.from_numpy(left).long(), expected_left.long())
+    assert torch.equal(torch.from_numpy(right).long(), expected_right.long())
+    assert expected_left.max() > 3 and (expected_left == 0).any()  # runs long and empty
+    args[3] = rows.flip(0)
+    with pytest.raises(ValueError, match="increasing"):
+        packed_runs(*(t.numpy() for t in args))

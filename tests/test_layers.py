@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "snvbert.data.masks": 2,
     "snvbert.data.curriculum": 2,
     "snvbert.data.batch": 3,
+    "snvbert.data.agreement": 3,  # compiled agreement runs (numba)
     "snvbert.hmm": 4,
     "snvbert.data.retrieval": 4,
     "snvbert.model": 5,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from snvbert.data.agreement import packed_runs
 from snvbert.errors import SnvbertError
 from snvbert.hmm import (
     ChromosomeHMM,
@@ -228,6 +229,18 @@ def packed_neighbour_features(
     if cols.numel() == 0:
         zero = torch.zeros(rows.numel(), idx.shape[1], device=query.device)
         return alleles, zero, zero.clone()
+    if query.device.type == "cpu":  # compiled: one pass per (query, neighbour), no cummax
+        before = torch.searchsorted(cols, at, right=False)
+        upto = torch.searchsorted(cols, at, right=True)
+        left, right = packed_runs(
+            query[:, cols].numpy(),
+            panel[:, cols].numpy(),
+            idx.numpy(),
+            rows.numpy(),
+            before.numpy(),
+            upto.numpy(),
+        )
+        return alleles, torch.from_numpy(left).float(), torch.from_numpy(right).float()
     left_runs, right_runs, n_before, n_upto = _agreement_runs(query, panel, idx, cols, at)
     left = left_runs[rows, :, n_before].float()
     right = right_runs[rows, :, n_upto].float()

@@ -184,22 +184,63 @@ class SelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | Segments | None) -> Tensor:
+        """x (B, L, D); ``keep`` the SDPA mask (True: may attend) or, for a packed row (1, T),
+        its :class:`Segments` (attention within each segment)."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=2)
+        qkv = self.qkv(x)
+        if isinstance(keep, Segments):
+            y = keep.attend(qkv.view(L, 3, self.n_head, D // self.n_head), self._sdpa)
+            return self.resid_drop(self.proj(y.view(B, L, D)))
         q, k, v = (
-            t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v)
+            t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in qkv.split(D, 2)
         )  # (B, H, L, Dh)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=keep,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=False,
-        )  # (B, H, L, Dh)
-        y = y.transpose(1, 2).contiguous().view(B, L, D)
+        y = self._sdpa(q, k, v, keep).transpose(1, 2).contiguous().view(B, L, D)
         return self.resid_drop(self.proj(y))
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, L, Dh)
+
+
+class Segments:
+    """Attention within the segments of a packed row (T tokens, ``segment`` (T,) each one's
+    row, rows in increasing order as ``torch.nonzero`` gives them).
+
+    The segments are grouped by length (each group's lengths within a factor of 2 of one
+    another) and each group runs as one padded batch: the attention pairs cost about the sum of
+    the squared lengths, not T^2 as a block-diagonal mask over the whole row would.
+    """
+
+    def __init__(self, segment: Tensor) -> None:
+        T = segment.numel()
+        _, counts = torch.unique_consecutive(segment, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        self.groups: list[tuple[Tensor, Tensor]] = []
+        # group g holds the segments with 2^(g-1) < length <= 2^g
+        group = torch.ceil(torch.log2(counts.double())).long()
+        for g in torch.unique(group).tolist():
+            chosen = torch.nonzero(group == g).squeeze(1)
+            n = counts[chosen]
+            width = int(n.max())
+            slot = torch.arange(width, device=segment.device)
+            valid = slot[None, :] < n[:, None]  # (G, W)
+            index = torch.where(valid, starts[chosen][:, None] + slot[None, :], T)  # T: padding
+            self.groups.append((index, valid))
+        # the groups' tokens in their order -> the row's order
+        self.inverse = torch.argsort(torch.cat([index[valid] for index, valid in self.groups]))
+
+    def attend(self, qkv: Tensor, sdpa: Any) -> Tensor:
+        """qkv (T, 3, H, Dh) -> attention output (T, H * Dh)."""
+        T, _, H, Dh = qkv.shape
+        padded = torch.cat([qkv, qkv.new_zeros(1, 3, H, Dh)])  # row T: padding
+        ys = []
+        for index, valid in self.groups:
+            q, k, v = padded[index].permute(2, 0, 3, 1, 4).unbind(0)  # each (G, H, W, Dh)
+            y = sdpa(q, k, v, valid[:, None, None, :])  # (G, H, W, Dh)
+            ys.append(y.transpose(1, 2).reshape(*index.shape, H * Dh)[valid])
+        return torch.cat(ys)[self.inverse]
 
 
 class MLP(nn.Module):
@@ -223,7 +264,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | Segments | None) -> Tensor:
         x = x + self.attn(self.ln_1(x), keep)
         return x + self.mlp(self.ln_2(x))
 
@@ -404,9 +445,8 @@ class SNVBertNet(nn.Module):
         Neighbours are optional: without ``nbr_*`` keys the fusions are skipped (ablation,
         benchmarks) and ``fusion_entropy`` is NaN. With ``hmm_certain`` the network runs over
         :meth:`uncertain_sites` only and the rest take the HMM skip alone; ``ran`` (B, L) says
-        where it ran. The chosen sites are then run either packed, all of the batch's in one
-        sequence with attention kept within each row (cost in proportion to the sites chosen),
-        or each row padded to the longest, whichever costs fewer operations.
+        where it ran. The chosen sites run packed: all of the batch's in one sequence, attention
+        kept within each row (:class:`Segments`), so the cost follows the sites chosen.
         """
         if "packed_rows" in batch:  # neighbour features made at the chosen sites only
             rows, sites = batch["packed_rows"], batch["packed_sites"]
@@ -417,24 +457,7 @@ class SNVBertNet(nn.Module):
             out["ran"] = ~batch["pad"]
             return out
         rows, sites = torch.nonzero(run, as_tuple=True)
-        B, L = run.shape
-        width = int(run.sum(1).max())
-        if self._cost(rows.numel(), rows.numel() ** 2) <= self._cost(B * width, B * width**2):
-            return self._forward_chosen(batch, rows, sites, False, return_weights)
-        # padded: each row's chosen sites first, in site order (a stable sort of 0/1 keys)
-        skip = self._skip_logits(batch)  # (B, L)
-        order = torch.sort((~run).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-        unused = ~run.gather(1, order)
-        out = self._forward(_gather_sites(batch, order, unused), return_weights)
-        logits = torch.where(unused, skip.gather(1, order), out["logits"].float())
-        out["logits"] = skip.scatter(1, order, logits)
-        if "fusion_weights" in out:  # back at the window's sites, 0 where it did not run
-            w = out["fusion_weights"]  # (B, H, L', K)
-            full = w.new_zeros(w.shape[0], w.shape[1], L, w.shape[3])
-            index = order[:, None, :, None].expand_as(w)
-            out["fusion_weights"] = full.scatter(2, index, w * ~unused[:, None, :, None])
-        out["ran"] = run
-        return out
+        return self._forward_chosen(batch, rows, sites, False, return_weights)
 
     def _forward_chosen(
         self,
@@ -463,11 +486,6 @@ class SNVBertNet(nn.Module):
             out["fusion_weights"] = full.index_put((rows, sites), w).permute(0, 2, 1, 3)
         out["ran"] = ran
         return out
-
-    def _cost(self, tokens: int, pairs: int) -> float:
-        """Multiply-adds of the blocks over ``tokens`` tokens with ``pairs`` attention pairs."""
-        d = self.config.d_model
-        return tokens * 12 * d * d + pairs * 2 * d
 
     def uncertain_sites(self, batch: Mapping[str, Tensor]) -> Tensor | None:
         """Where the network runs (``hmm_certain`` > 0), (B, L) bool: every typed site and every
@@ -503,8 +521,7 @@ class SNVBertNet(nn.Module):
             tokens, batch["pos"], batch["af"], batch.get("site_index"), batch.get("origin")
         )  # (B, L, D)
         if packed:
-            seg = batch["segment"]
-            keep = (seg[:, None] == seg[None, :])[None, None]  # (1, 1, T, T)
+            keep: Tensor | Segments = Segments(batch["segment"])
             fused_pad = torch.zeros(L, 1, dtype=torch.bool, device=tokens.device)
         else:
             keep = ~pad[:, None, None, :]  # (B, 1, 1, L) SDPA: True = may attend to this key
@@ -629,28 +646,6 @@ def _packed_sites(
     out["site_index"] = sites[None]
     out["origin"] = batch["pos"][rows, 0][None]
     out["segment"] = rows
-    return out
-
-
-def _gather_sites(batch: Mapping[str, Tensor], order: Tensor, unused: Tensor) -> dict[str, Tensor]:
-    """The batch at the sites ``order`` (B, L') only, ``unused`` entries padding; each keeps
-    its window index (``site_index``) and the window's first position (``origin``)."""
-    out = dict(batch)
-    for key in _SITE_KEYS:
-        if key in batch:
-            out[key] = batch[key].gather(1, order)
-    for key in _NEIGHBOUR_SITE_KEYS:
-        if key in batch:
-            t = batch[key]
-            out[key] = t.gather(2, order[:, None, :].expand(-1, t.shape[1], -1))
-    # A row with no chosen site keeps one key for attention (an all-masked softmax is NaN);
-    # its output is the skip all the same.
-    empty = unused.all(1, keepdim=True)
-    first = torch.zeros_like(unused)
-    first[:, 0] = True
-    out["pad"] = unused & ~(empty & first)
-    out["site_index"] = order
-    out["origin"] = batch["pos"][:, :1]
     return out
 
 
