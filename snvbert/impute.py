@@ -56,7 +56,7 @@ from snvbert.data.retrieval import Retriever, retrieve
 from snvbert.data.sites import prepare_target
 from snvbert.data.vcf import Panel, load_panel
 from snvbert.data.vcf_writer import write_imputed
-from snvbert.data.windows import make_windows
+from snvbert.data.windows import Window, make_windows
 from snvbert.errors import SnvbertError
 from snvbert.hmm import (
     HMM_MEMORY_BYTES,
@@ -264,10 +264,13 @@ def predict(
         ]
         for window in windows:
             c0, c1 = window.ctx_start, window.ctx_end
+            lo, hi = np.searchsorted(typed_sites, [c0, c1])
+            span = _context_columns(window, typed_sites[lo:hi], retriever.feature_sites)
+            ctx_cols = np.arange(c0, c1) if isinstance(span, slice) else span
             if panel_pm is not None:
-                ctx_rows, ctx = None, panel_pm[:, c0:c1]
+                ctx_rows, ctx = None, panel_pm[:, span]
             else:
-                ctx_rows, ctx = np.asarray(panel.haplotypes[c0:c1]), None  # (C, n_panel_haps)
+                ctx_rows, ctx = np.asarray(panel.haplotypes[span]), None  # (C, n_panel_haps)
             side = panel_inputs(
                 ctx_rows,
                 ref_haps,
@@ -279,8 +282,7 @@ def predict(
                 panel_ctx=ctx,
             )
             side = {key: v.to(device) for key, v in side.items()}
-            lo, hi = np.searchsorted(typed_sites, [c0, c1])
-            cols = typed_sites[lo:hi] - c0
+            cols = np.searchsorted(ctx_cols, typed_sites[lo:hi])
             for local in batches:
                 people = people_block[local]
                 in_block = np.stack([2 * local, 2 * local + 1], 1).ravel()
@@ -289,9 +291,9 @@ def predict(
                 persons = block_persons[in_block]
                 haps = np.where(persons >= 0, 2 * persons + np.tile([0, 1], len(people)), -1 - rows)
                 calls = typed_alleles[lo:hi, rows].T  # (B, m_w) 0/1, -1 missing
-                hidden = np.ones((len(rows), c1 - c0), dtype=bool)
+                hidden = np.ones((len(rows), len(ctx_cols)), dtype=bool)
                 hidden[:, cols] = calls < 0
-                observed = np.zeros((len(rows), c1 - c0), dtype=np.int8)
+                observed = np.zeros((len(rows), len(ctx_cols)), dtype=np.int8)
                 observed[:, cols] = np.maximum(calls, 0)
                 batch = assemble_batch(
                     window,
@@ -304,6 +306,7 @@ def predict(
                     af=af,
                     haps=haps,
                     persons=persons,
+                    ctx_columns=ctx_cols,
                 )
                 batch = {key: v.to(device) for key, v in batch.items()} | side
                 panel_post, readout = None, None
@@ -349,6 +352,21 @@ def predict(
     return probs
 
 
+def _context_columns(
+    window: Window, typed: np.ndarray, feature_sites: int | None
+) -> slice | np.ndarray:
+    """The panel sites of a window's context that imputation builds its batches over.
+
+    Only the typed sites and the window's own are read (every other context column is hidden
+    for every query): those, sorted, while the per-site features keep every typed column of the
+    context (at most ``feature_sites``), which makes the result the same as over the whole
+    context (``tests/test_impute.py``); else the whole context, ``slice(ctx_start, ctx_end)``.
+    """
+    if feature_sites is not None and len(typed) > feature_sites:
+        return slice(window.ctx_start, window.ctx_end)
+    return np.union1d(typed, np.arange(window.start, window.end))
+
+
 def _neighbour_posteriors(
     post: kernel.CompactPosteriors,
     rows: np.ndarray,
@@ -356,9 +374,12 @@ def _neighbour_posteriors(
     hi: int,
     n_states: int,
     idx: torch.Tensor,
+    at: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The posteriors (B, K, hi - lo) of neighbours ``idx`` (B, K) of queries ``rows``."""
-    got = kernel.take_states(post, rows, idx.cpu().numpy(), lo, hi, n_states)
+    """The posteriors (B, K, hi - lo) of neighbours ``idx`` (B, K) of queries ``rows`` at the
+    block's HMM columns lo:hi, or (B, K, len(at)) at those ``at`` (indices into lo:hi) only."""
+    columns = np.arange(lo, hi) if at is None else lo + at.cpu().numpy()
+    got = kernel.take_states(post, rows, idx.cpu().numpy(), columns, n_states)
     return torch.from_numpy(got).to(idx.device)
 
 
@@ -460,6 +481,7 @@ def impute(
     genetic_map: str | Path | None = None,
     hmm_err: str | float | None = None,
     hmm_states: str | None = None,
+    hmm_certain: float | None = None,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
     progress: bool | None = None,
@@ -475,8 +497,9 @@ def impute(
     map the model was trained with, if any); ``hmm_err`` the HMM's mismatch rate: ``auto`` fits
     it to the targets (:func:`fit_hmm_err`), ``train`` keeps the training value, a number sets
     it; ``hmm_states`` the panel-state HMM's states (:func:`_resolve_hmm_states`);
-    ``cache_dir``; ``threads`` the CPU threads of torch and the compiled HMM (None: every
-    core); ``progress``. Returns a summary: site counts by kind and every adjustment.
+    ``hmm_certain`` where the network runs (hidden sites whose HMM P(ALT) is more than this
+    from 0 and 1; None: the checkpoint's ``model.hmm_certain``); ``cache_dir``; ``threads``
+    the CPU threads of torch and the compiled HMM (None: every core); ``progress``. Returns a summary: site counts by kind and every adjustment.
     """
     setting = filled(
         "impute",
@@ -489,6 +512,7 @@ def impute(
             "genetic_map": genetic_map,
             "hmm_err": hmm_err,
             "hmm_states": hmm_states,
+            "hmm_certain": hmm_certain,
             "cache_dir": cache_dir,
             "threads": threads,
             "progress": progress,
@@ -516,6 +540,16 @@ def impute(
     dev = _resolve_device(str(device))
     autocast = _autocast_dtype(str(precision), dev)
     model = load_trained(ckpt, dev)
+    certain = setting["hmm_certain"]
+    if certain is not None:
+        if not 0.0 <= float(certain) < 0.5:
+            raise SnvbertError(f"hmm_certain={certain} must be at least 0 and below 0.5")
+        if float(certain) > 0 and not model.net.config.hmm_certain:
+            raise SnvbertError(
+                f"hmm_certain={certain}: this checkpoint's network was trained at every site "
+                "(model.hmm_certain=0); leave hmm_certain=null"
+            )
+        model.net.config.hmm_certain = float(certain)
     describe = model.describe
     trained_ibs = None if model.hmm is None else model.hmm.ibs
 
@@ -609,6 +643,7 @@ def impute(
         "genetic_map": None if gmap is None else str(gmap),
         "hmm_err": err if err is not None else (None if model.hmm is None else model.hmm.err),
         "hmm_ibs": _plain(trained_ibs if ibs == "train" else ibs),
+        "hmm_certain": float(model.net.config.hmm_certain),
         "sites": {
             "written": n_written,
             "imputed": pan.n_sites - n_matched,
@@ -669,6 +704,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
         )
         lines.append(f"hmm        mismatch rate {summary['hmm_err']:.2g}, states: {states}")
+    if summary.get("hmm_certain"):
+        eps = summary["hmm_certain"]
+        lines.append(
+            f"network    at typed sites and hidden ones whose HMM P(ALT) lies in "
+            f"({eps:g}, {1 - eps:g}); the HMM's answer elsewhere"
+        )
     lines.append(f"time       {summary['seconds']:.1f} s")
     return "\n".join(lines)
 
@@ -695,6 +736,7 @@ def main(cfg: DictConfig) -> None:
         genetic_map=cfg.genetic_map,
         hmm_err=cfg.hmm_err,
         hmm_states=str(cfg.hmm_states),
+        hmm_certain=cfg.hmm_certain,
         cache_dir=cfg.cache_dir,
         threads=cfg.threads,
         progress=cfg.progress,

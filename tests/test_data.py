@@ -12,9 +12,9 @@ import torch
 from snvbert.callbacks import MaskEpochs
 from snvbert.config import datamodule, retriever
 from snvbert.data import masks as M
+from snvbert.data.agreement import packed_runs
 from snvbert.data.curriculum import Curriculum
 from snvbert.data.datamodule import SNVDataModule, WindowBatchSampler
-from snvbert.data.agreement import packed_runs
 from snvbert.data.retrieval import _agreement_runs, neighbour_features, retrieve
 from snvbert.data.windows import make_windows, split_people
 
@@ -650,7 +650,6 @@ def test_hmm_scope_chromosome_gives_training_the_chromosome_wide_hmm(tiny_sim, c
     ):
         with pytest.raises(SnvbertError, match=match):
             make_dm(tiny_sim, cache_dir, hmm={**hmm, **bad})
-
 
 
 def test_compiled_agreement_runs_equal_the_cumulative_maximum_definition() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -308,16 +307,31 @@ def test_cli_bad_target_exits_2_without_traceback(
     assert not (tmp_path / "out.vcf.gz").exists()
 
 
-def test_format_samples_is_exact_and_fast() -> None:
+def test_format_samples_writes_gt_ds_gp_exactly() -> None:
+    """The compiled formatter against numpy arithmetic on the same float64 values (thousandths
+    rounded half to even), on random probabilities, ties and the extremes."""
     p = np.array([[0.0, 1.0, 0.25, 0.75]], dtype=np.float32)
     text = format_samples(p)[0].tobytes().decode()
     assert text == "0|1:1.000:0.000,1.000,0.000\t0|1:1.000:0.188,0.625,0.188\n"
     rng = np.random.default_rng(0)
-    big = rng.random((40_000, 200), dtype=np.float32)
-    started = time.perf_counter()
-    for i in range(0, 40_000, 2048):
-        format_samples(big[i : i + 2048])
-    assert time.perf_counter() - started < 10  # 40k sites x 100 people: seconds, not minutes
+    big = rng.random((300, 60), dtype=np.float32)
+    big[:, :6] = [0.0, 1.0, 0.5, 0.5, 0.0625, 0.9375]  # ties, both ends
+    p1, p2 = big[:, 0::2].astype(np.float64), big[:, 1::2].astype(np.float64)
+
+    def field(x: np.ndarray) -> np.ndarray:
+        v = np.rint(x * 1000).astype(np.int64)
+        return np.char.add(
+            np.char.add((v // 1000).astype(str), "."), np.char.zfill((v % 1000).astype(str), 3)
+        )
+
+    gt = np.char.add(np.char.add(np.where(p1 > 0.5, "1", "0"), "|"), np.where(p2 > 0.5, "1", "0"))
+    gp = [(1 - p1) * (1 - p2), p1 * (1 - p2) + (1 - p1) * p2, p1 * p2]
+    columns = gt
+    for part in [":", field(p1 + p2), ":", field(gp[0]), ",", field(gp[1]), ",", field(gp[2])]:
+        columns = np.char.add(columns, part)
+    expected = ["\t".join(row) + "\n" for row in columns]
+    got = [row.tobytes().decode() for row in format_samples(big)]
+    assert got == expected
 
 
 def test_dosage_r2_is_one_for_certain_calls_and_zero_without_information() -> None:
@@ -498,6 +512,46 @@ def test_packed_features_at_the_chosen_sites_equal_the_dense_ones(
     dense = imp.predict(*args, **kwargs)
     assert not np.isnan(packed).any()
     assert np.allclose(packed, dense, atol=1e-5)
+
+
+def test_context_reduced_to_typed_and_window_sites_changes_no_prediction(
+    tiny_ckpt: Path, tiny_sim: Path, cache: Path, monkeypatch
+) -> None:
+    """Imputation builds each window's context over its typed sites and the window's own only
+    (every other context column is hidden for every query): the predictions equal those over
+    the whole context, and with more typed sites than the features keep, the whole context is
+    used."""
+    import torch
+
+    from snvbert.data.genetic_map import genetic_positions
+    from snvbert.data.vcf import load_panel
+
+    model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
+    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
+    _, match, calls = prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
+    targets = np.arange(calls.shape[1] // 2)
+    args = (model, pan, match.panel_index, calls, -1 - targets, np.arange(pan.n_samples))
+    kwargs = _predict_kwargs(pan, 4, morgans=genetic_positions(pan.pos, tiny_sim / "map.plink"))
+    real = imp._context_columns
+    widths = []
+
+    def spy(window, typed, feature_sites):
+        span = real(window, typed, feature_sites)
+        widths.append((len(span), window.ctx_end - window.ctx_start))
+        return span
+
+    monkeypatch.setattr(imp, "_context_columns", spy)
+    reduced = imp.predict(*args, **kwargs)
+    assert all(n < full for n, full in widths)  # every context was reduced
+    monkeypatch.setattr(
+        imp, "_context_columns", lambda window, *_: slice(window.ctx_start, window.ctx_end)
+    )
+    whole = imp.predict(*args, **kwargs)
+    assert not np.isnan(reduced).any()
+    np.testing.assert_allclose(reduced, whole, atol=1e-5)
+    window = imp.make_windows(pan.pos, 32, 8, 10_000)[1]
+    typed = np.arange(window.ctx_start, window.ctx_end, 2)
+    assert real(window, typed, len(typed) - 1) == slice(window.ctx_start, window.ctx_end)
 
 
 def test_progress_is_logged_as_lines_off_a_terminal(caplog) -> None:

@@ -134,12 +134,10 @@ def train_model(panel: Path, out: Path, minutes: float, overrides: list[str]) ->
 
 
 def _impute_job(job: dict[str, str], threads: int) -> dict[str, Any]:
-    """One snvbert imputation in a worker process with its own thread count."""
-    import torch
-
+    """One snvbert imputation in a worker process with its own thread count (torch's and the
+    compiled kernels': two processes that each spin up every core's threads run >10x slower)."""
     from snvbert.impute import impute
 
-    torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return impute(
         job["ckpt"],
@@ -149,6 +147,7 @@ def _impute_job(job: dict[str, str], threads: int) -> dict[str, Any]:
         cache_dir=job["cache_dir"],
         progress=False,
         genetic_map=job["genetic_map"],
+        threads=threads,
     )
 
 

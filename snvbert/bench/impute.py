@@ -6,7 +6,7 @@ writes ``OUT_DIR/impute.json``.
 The bench case is DESIGN's 5 Mb scenario (seed 1: 2,000 panel haplotypes, 100 target people,
 40,450 imputed sites, a clean phased array), simulated here. snvbert's model is trained briefly
 on it once (``experiment=accuracy``, a few batches: enough for timing, not for accuracy;
-reused while its checkpoint exists). Every tool runs as its own process, one after the other on
+reused while the configs it was trained from are unchanged). Every tool runs as its own process, one after the other on
 the same files with the same thread count, timed from start to exit (start-up included) and
 measured for peak resident memory (``os.wait4``). snvbert runs twice: first with an empty panel
 cache (the VCF is parsed and cached) and then reusing it; the classical HMM of
@@ -18,6 +18,7 @@ wall time in the same run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -53,10 +54,22 @@ def measure(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -
     return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
+def _recipe() -> str:
+    """What the timing model is trained from: the overrides and every config file they read."""
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    h = hashlib.sha256(" ".join(TRAIN_OVERRIDES).encode())
+    for path in sorted([*conf.glob("*.yaml"), *conf.glob("*/*.yaml")]):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def _checkpoint(sim: Path, out: Path) -> Path:
+    """The briefly trained timing model: reused while its recipe (configs, overrides) holds."""
     ckpt = out / "train" / "checkpoints" / "last.ckpt"
-    if ckpt.exists():
+    recipe = out / "train" / "recipe.sha256"
+    if ckpt.exists() and recipe.exists() and recipe.read_text() == _recipe():
         return ckpt
+    shutil.rmtree(out / "train", ignore_errors=True)
     cmd = [
         sys.executable,
         "-m",
@@ -68,6 +81,7 @@ def _checkpoint(sim: Path, out: Path) -> Path:
         f"paths.cache_dir={out / 'train-cache'}",
     ]
     measure(cmd, out / "train.log")
+    recipe.write_text(_recipe())
     return ckpt
 
 

@@ -76,16 +76,21 @@ def assemble_batch(
     haps: np.ndarray,
     persons: np.ndarray,
     morgans: np.ndarray | None = None,
+    ctx_columns: np.ndarray | None = None,
 ) -> dict[str, Tensor]:
     """The query side of a batch (see :mod:`snvbert.data.batch`) from context-wide arrays.
 
     truth_ctx, observed_ctx (B, C) int8 alleles 0/1 (observed may carry genotype errors, and is
     ignored where hidden); hidden_ctx (B, C) bool; af the panel ALT frequency, per site of the
     panel (n_sites,) or per row over the window (B, window sites); morgans the panel sites'
-    genetic positions (None: a constant 1 cM/Mb).
+    genetic positions (None: a constant 1 cM/Mb). ``ctx_columns`` (C,) the panel sites of the
+    context's columns, increasing and holding the whole window, when the context is not every
+    site of ``[ctx_start, ctx_end)`` (imputation keeps only the typed ones and the window's).
     """
     b = truth_ctx.shape[0]
-    off, n = window.start - window.ctx_start, window.length
+    if ctx_columns is None:
+        ctx_columns = np.arange(window.ctx_start, window.ctx_end)
+    off, n = int(np.searchsorted(ctx_columns, window.start)), window.length
     win = slice(off, off + n)
     tokens = np.full((b, length), PAD, dtype=np.int64)
     tokens[:, :n] = np.where(hidden_ctx[:, win], MASK, observed_ctx[:, win])
@@ -118,9 +123,9 @@ def assemble_batch(
         "query_ctx": torch.from_numpy(query_ctx),
         "ctx_morgan": torch.from_numpy(
             np.asarray(
-                genetic_positions(pos[window.ctx_start : window.ctx_end], None)
+                genetic_positions(pos[ctx_columns], None)
                 if morgans is None
-                else morgans[window.ctx_start : window.ctx_end],
+                else morgans[ctx_columns],
                 dtype=np.float64,
             )
         ),

@@ -432,10 +432,13 @@ def _packed(
         n_valid = valid.float().sum(1, keepdim=True).clamp(min=1.0)
         hmm = (valid.float() / n_valid)[rows]
     else:
-        post = readout.neighbours(idx) * valid[:, :, None]  # (B, K, U)
         lo, hi, w = site_interpolation(cols, ctx_morgan, off, int(at.max()) + 1)
+        # only the HMM columns either side of a chosen site: (B, K, used)
+        used, inverse = torch.unique(torch.cat([lo[at], hi[at]]), return_inverse=True)
+        post = readout.neighbours(idx, used) * valid[:, :, None]
+        on_left, on_right = inverse[: at.numel()], inverse[at.numel() :]
         w = w[at][:, None]
-        hmm = (1 - w) * post[rows, :, lo[at]] + w * post[rows, :, hi[at]]
+        hmm = (1 - w) * post[rows, :, on_left] + w * post[rows, :, on_right]
     batch["hmm_dose"] = readout.dose
     batch.update(_neighbour_keys(idx, valid, scores, panel_hap, alleles, left, right, keep))
     batch.update(nbr_hmm=hmm, packed_rows=rows, packed_sites=at)

@@ -68,7 +68,7 @@ class CompactPosteriors:
 
 
 @njit(parallel=True, cache=True)
-def _take_states(post, idx, n, rows, states, lo, hi, n_states, out):  # pragma: no cover
+def _take_states(post, idx, n, rows, states, columns, n_states, out):  # pragma: no cover
     for i in prange(rows.shape[0]):
         b = rows[i]
         slot = np.full(n_states, -1, dtype=np.int32)
@@ -76,24 +76,28 @@ def _take_states(post, idx, n, rows, states, lo, hi, n_states, out):  # pragma: 
             slot[idx[b, k]] = k
         for j in range(states.shape[1]):
             k = slot[states[i, j]]
-            for u in range(lo, hi):
-                out[i, j, u - lo] = post[b, u, k] if k >= 0 else 0.0
+            for c in range(columns.shape[0]):
+                out[i, j, c] = post[b, columns[c], k] if k >= 0 else 0.0
 
 
 def take_states(
-    post: CompactPosteriors, rows: np.ndarray, states: np.ndarray, lo: int, hi: int, n_states: int
+    post: CompactPosteriors,
+    rows: np.ndarray,
+    states: np.ndarray,
+    columns: np.ndarray,
+    n_states: int,
 ) -> np.ndarray:
-    """(B, K, hi - lo) float32: queries ``rows``' posteriors of the states ``states`` (B, K)
-    at columns lo:hi, 0 where a state is not one of the query's."""
-    out = np.empty((len(rows), states.shape[1], hi - lo), dtype=np.float32)
+    """(B, K, len(columns)) float32: queries ``rows``' posteriors of the states ``states``
+    (B, K) at the HMM's ``columns``, 0 where a state is not one of the query's."""
+    columns = np.ascontiguousarray(columns, dtype=np.int64)
+    out = np.empty((len(rows), states.shape[1], len(columns)), dtype=np.float32)
     _take_states(
         post.post,
         post.idx,
         post.n,
         np.ascontiguousarray(rows, dtype=np.int64),
         np.ascontiguousarray(states, dtype=np.int64),
-        int(lo),
-        int(hi),
+        columns,
         int(n_states),
         out,
     )

@@ -22,13 +22,14 @@ class PanelReadout:
     block of people over the chromosome, by :mod:`snvbert.hmm.kernel`).
 
     dose (B, length) P(ALT) at the window's sites (padded); cols (U,) the context columns the
-    neighbours' posteriors are known at; neighbours maps neighbour indices (B, K) to their
-    posteriors (B, K, U) there (0 for a haplotype that is not one of the query's states).
+    neighbours' posteriors are known at; neighbours maps neighbour indices (B, K), and
+    optionally which of the U columns (U',), to their posteriors (B, K, U) there, or (B, K, U')
+    (0 for a haplotype that is not one of the query's states).
     """
 
     dose: Tensor
     cols: Tensor
-    neighbours: Callable[[Tensor], Tensor]
+    neighbours: Callable[..., Tensor]
 
 
 def pad_sites(x: Tensor, length: int) -> Tensor:
