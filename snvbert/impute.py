@@ -499,7 +499,8 @@ def impute(
     it; ``hmm_states`` the panel-state HMM's states (:func:`_resolve_hmm_states`);
     ``hmm_certain`` where the network runs (hidden sites whose HMM P(ALT) is more than this
     from 0 and 1; None: the checkpoint's ``model.hmm_certain``); ``cache_dir``; ``threads``
-    the CPU threads of torch and the compiled HMM (None: every core); ``progress``. Returns a summary: site counts by kind and every adjustment.
+    the CPU threads of torch and the compiled HMM (None: every core); ``progress``. Returns a
+    summary: site counts by kind and every adjustment.
     """
     setting = filled(
         "impute",

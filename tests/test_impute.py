@@ -595,3 +595,39 @@ def test_threads_setting_is_checked(tiny_sim: Path, tmp_path: Path) -> None:
             tmp_path / "out.vcf.gz",
             threads=0,
         )
+
+
+def test_hmm_certain_at_imputation_moves_where_the_network_runs(
+    clean, tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path: Path
+) -> None:
+    """impute hmm_certain= overrides the checkpoint's model.hmm_certain: 0.4 leaves more sites
+    to the HMM (other dosages; the summary says so); a value outside [0, 0.5) is a one-line
+    error that writes nothing."""
+    out, summary = clean
+    assert summary["hmm_certain"] == pytest.approx(1e-3)  # the checkpoint's
+    wide = impute(
+        tiny_ckpt,
+        tiny_sim / "panel.vcf.gz",
+        tiny_sim / "array.vcf.gz",
+        tmp_path / "wide.vcf.gz",
+        cache_dir=cache,
+        progress=False,
+        hmm_certain=0.4,
+    )
+    assert wide["hmm_certain"] == 0.4
+    assert "(0.4, 0.6)" in imp.format_summary(wide)
+    a, b = _records(out), _records(tmp_path / "wide.vcf.gz")
+    changed = sum(not np.allclose(a[key]["ds"], b[key]["ds"]) for key in a if a[key]["imp"])
+    assert changed > 0
+    for bad in (0.5, -0.1):
+        with pytest.raises(SnvbertError, match=f"hmm_certain={bad} must be at least 0"):
+            impute(
+                tiny_ckpt,
+                tiny_sim / "panel.vcf.gz",
+                tiny_sim / "array.vcf.gz",
+                tmp_path / "bad.vcf.gz",
+                cache_dir=cache,
+                progress=False,
+                hmm_certain=bad,
+            )
+    assert not (tmp_path / "bad.vcf.gz").exists()
