@@ -223,7 +223,7 @@ def predict(
             )
         else:
             log.info("the chromosome-wide HMM would not fit in memory: the HMM runs per window")
-    compact = chromosome is not None and device.type == "cpu"
+    compact = chromosome is not None and _compiled_path(device)
     # The reference haplotypes' +-1 code over the whole chromosome, made once (each window's
     # context is a view of it) when it takes at most PANEL_CODE_BYTES; else per window.
     panel_pm = None
@@ -350,6 +350,13 @@ def predict(
                 bar.update()
     bar.close()
     return probs
+
+
+def _compiled_path(device: torch.device) -> bool:
+    """Whether predict takes the CPU path (compiled HMM, compact posteriors, sparse read-out,
+    packed neighbour features) rather than the GPU one (the dense torch HMM, features over the
+    window). A test runs the GPU path on the CPU by replacing this."""
+    return device.type == "cpu"
 
 
 def _context_columns(

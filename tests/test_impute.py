@@ -631,3 +631,37 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
                 hmm_certain=bad,
             )
     assert not (tmp_path / "bad.vcf.gz").exists()
+
+
+def test_the_gpu_path_gives_the_cpu_path_s_predictions(
+    tiny_ckpt: Path, tiny_sim: Path, cache: Path, monkeypatch
+) -> None:
+    """predict's GPU path (the dense torch HMM per block, neighbour features over the whole
+    window, the network choosing its sites itself), run here on CPU tensors, predicts what the
+    CPU path (compiled HMM, sparse read-out, packed features) does: the code a GPU runs is
+    held to the one this machine measures."""
+    import torch
+
+    from snvbert.data.genetic_map import genetic_positions
+    from snvbert.data.vcf import load_panel
+
+    model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
+    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
+    _, match, calls = prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
+    targets = np.arange(calls.shape[1] // 2)
+    args = (model, pan, match.panel_index, calls, -1 - targets, np.arange(pan.n_samples))
+    kwargs = _predict_kwargs(pan, 4, morgans=genetic_positions(pan.pos, tiny_sim / "map.plink"))
+    cpu = imp.predict(*args, **kwargs)
+    dense = []
+    real = imp.ChromosomeHMM.posteriors
+
+    def spy(self, *a, **k):
+        dense.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(imp.ChromosomeHMM, "posteriors", spy)
+    monkeypatch.setattr(imp, "_compiled_path", lambda device: False)
+    gpu = imp.predict(*args, **kwargs)
+    assert dense  # the dense (B, N, U) posteriors the GPU path uses
+    assert not np.isnan(gpu).any()
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
