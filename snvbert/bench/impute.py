@@ -7,8 +7,8 @@ The bench case is DESIGN's 5 Mb scenario (seed 1: 2,000 panel haplotypes, 100 ta
 or ``--targets``, 40,450 imputed sites, a clean phased array), simulated here. snvbert's model
 is trained briefly on it once (``experiment=accuracy``, a few batches: enough for timing, not
 for accuracy; reused while the configs it was trained from are unchanged). Every tool runs as
-its own process, one after the other on the same files with the same thread count, timed from start to exit (start-up included) and
-measured for peak resident memory (``os.wait4``). snvbert runs twice: first with an empty panel
+its own process, one after the other on the same files with the same thread count, timed from
+start to exit (start-up included) and measured for peak resident memory (``os.wait4``). snvbert runs twice: first with an empty panel
 cache (the VCF is parsed and cached) and then reusing it; the classical HMM of
 :mod:`snvbert.hmm.imputer` (the README's baseline column, over the IBS-selected states) and
 Minimac4 (its reference compressed first, timed apart) run beside them. Ratios are to Beagle's
@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,12 @@ def measure(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -
 
 def _recipe() -> str:
     """What the timing model is trained from: the overrides and every config file they read."""
-    conf = Path(__file__).resolve().parents[2] / "conf"
     h = hashlib.sha256(" ".join(TRAIN_OVERRIDES).encode())
-    for path in sorted([*conf.glob("*.yaml"), *conf.glob("*/*.yaml")]):
-        h.update(path.read_bytes())
+    conf = files("snvbert.conf")
+    groups = [conf, *(d for d in conf.iterdir() if d.is_dir())]
+    for path in sorted((f for d in groups for f in d.iterdir()), key=lambda f: str(f)):
+        if path.name.endswith(".yaml"):
+            h.update(path.read_bytes())
     return h.hexdigest()
 
 
