@@ -356,6 +356,23 @@ def _predict_kwargs(pan, batch_size: int, **extra) -> dict:
     }
 
 
+def _tiny_predict_inputs(tiny_ckpt: Path, tiny_sim: Path, cache: Path) -> tuple[tuple, dict]:
+    """predict's arguments for the tiny panel's array: every target outside the panel, every
+    panel person a reference, the simulation's genetic map, 4 people a batch."""
+    import torch
+
+    from snvbert.data.genetic_map import genetic_positions
+    from snvbert.data.vcf import load_panel
+
+    model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
+    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
+    _, match, calls = prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
+    targets = np.arange(calls.shape[1] // 2)
+    args = (model, pan, match.panel_index, calls, -1 - targets, np.arange(pan.n_samples))
+    kwargs = _predict_kwargs(pan, 4, morgans=genetic_positions(pan.pos, tiny_sim / "map.plink"))
+    return args, kwargs
+
+
 @pytest.mark.parametrize("ibs", [False, True])
 def test_chromosome_wide_hmm_equals_the_per_window_hmm(
     ibs: bool, tiny_ckpt: Path, tiny_sim: Path, cache: Path, monkeypatch
@@ -480,18 +497,9 @@ def test_packed_features_at_the_chosen_sites_equal_the_dense_ones(
     the network's chosen sites only (retrieve(..., sites=)); the predictions equal those of the
     dense features with the network choosing the same sites itself (on this tiny panel it leaves
     out about a third of the sites; 95 % on the 5 Mb scenario's array)."""
-    import torch
-
-    from snvbert.data.genetic_map import genetic_positions
-    from snvbert.data.vcf import load_panel
-
-    model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
+    args, kwargs = _tiny_predict_inputs(tiny_ckpt, tiny_sim, cache)
+    model = args[0]
     assert model.net.config.hmm_certain > 0
-    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
-    _, match, calls = prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
-    targets = np.arange(calls.shape[1] // 2)
-    args = (model, pan, match.panel_index, calls, -1 - targets, np.arange(pan.n_samples))
-    kwargs = _predict_kwargs(pan, 4, morgans=genetic_positions(pan.pos, tiny_sim / "map.plink"))
     chosen, seen = [], []
     real_retrieve, real_forward = imp.retrieve, type(model.net).forward
 
@@ -521,17 +529,7 @@ def test_context_reduced_to_typed_and_window_sites_changes_no_prediction(
     (every other context column is hidden for every query): the predictions equal those over
     the whole context, and with more typed sites than the features keep, the whole context is
     used."""
-    import torch
-
-    from snvbert.data.genetic_map import genetic_positions
-    from snvbert.data.vcf import load_panel
-
-    model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
-    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
-    _, match, calls = prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
-    targets = np.arange(calls.shape[1] // 2)
-    args = (model, pan, match.panel_index, calls, -1 - targets, np.arange(pan.n_samples))
-    kwargs = _predict_kwargs(pan, 4, morgans=genetic_positions(pan.pos, tiny_sim / "map.plink"))
+    args, kwargs = _tiny_predict_inputs(tiny_ckpt, tiny_sim, cache)
     real = imp._context_columns
     widths = []
 
@@ -549,7 +547,7 @@ def test_context_reduced_to_typed_and_window_sites_changes_no_prediction(
     whole = imp.predict(*args, **kwargs)
     assert not np.isnan(reduced).any()
     np.testing.assert_allclose(reduced, whole, atol=1e-5)
-    window = imp.make_windows(pan.pos, 32, 8, 10_000)[1]
+    window = imp.make_windows(args[1].pos, 32, 8, 10_000)[1]
     typed = np.arange(window.ctx_start, window.ctx_end, 2)
     assert real(window, typed, len(typed) - 1) == slice(window.ctx_start, window.ctx_end)
 
@@ -640,17 +638,7 @@ def test_the_gpu_path_gives_the_cpu_path_s_predictions(
     window, the network choosing its sites itself), run here on CPU tensors, predicts what the
     CPU path (compiled HMM, sparse read-out, packed features) does: the code a GPU runs is
     held to the one this machine measures."""
-    import torch
-
-    from snvbert.data.genetic_map import genetic_positions
-    from snvbert.data.vcf import load_panel
-
-    model = imp.load_trained(tiny_ckpt, torch.device("cpu"))
-    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
-    _, match, calls = prepare_target(pan, tiny_sim / "array.vcf.gz", tiny_sim / "panel.vcf.gz")
-    targets = np.arange(calls.shape[1] // 2)
-    args = (model, pan, match.panel_index, calls, -1 - targets, np.arange(pan.n_samples))
-    kwargs = _predict_kwargs(pan, 4, morgans=genetic_positions(pan.pos, tiny_sim / "map.plink"))
+    args, kwargs = _tiny_predict_inputs(tiny_ckpt, tiny_sim, cache)
     cpu = imp.predict(*args, **kwargs)
     dense = []
     real = imp.ChromosomeHMM.posteriors
