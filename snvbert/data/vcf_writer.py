@@ -1,4 +1,5 @@
-"""The imputed VCF: phased GT, DS and GP per sample, AF, DR2 and IMP per site, as Beagle 5 writes them.
+"""The imputed VCF: phased GT and DS (and GP, ``gp=True``) per sample, AF, DR2 and IMP per site, as
+Beagle 5 writes them (GP is Beagle's ``gp=true``; its default, like ours, leaves it out).
 
 Typed calls are written as given, predictions elsewhere, target-only sites passed through; the
 file is bgzipped, tabix-indexed and written atomically (:func:`snvbert.utils.io.write_bgzipped_vcf`).
@@ -20,7 +21,8 @@ from snvbert.data.sites import SiteMatch
 from snvbert.data.vcf import Panel, Target
 from snvbert.utils.io import write_bgzipped_vcf
 
-_FIELD = 28  # bytes of one sample column: "a|b:D.DDD:G.GGG,G.GGG,G.GGG" and a tab
+# Bytes of one sample column and its tab: "a|b:D.DDD:G.GGG,G.GGG,G.GGG" with GP, "a|b:D.DDD" without.
+_FIELD = {True: 28, False: 10}
 _CHUNK_ROWS = 2048  # VCF records formatted at once: bounds memory whatever the panel size
 
 
@@ -33,18 +35,21 @@ def write_imputed(
     probs: np.ndarray,
     panel_path: Path,
     command: str,
+    *,
+    gp: bool = False,
 ) -> int:
     """Write the output VCF: typed calls as given, predictions elsewhere; returns its records.
 
-    ``probs`` (n_panel_sites, 2n) P(ALT) is overwritten at typed, non-missing calls.
+    ``probs`` (n_panel_sites, 2n) P(ALT) is overwritten at typed, non-missing calls. ``gp``
+    adds the genotype probabilities (GT:DS:GP; GT:DS without, as Beagle's default).
     """
     typed = calls >= 0
     probs[match.panel_index] = np.where(typed, calls, probs[match.panel_index])
     imputed = np.ones(pan.n_sites, dtype=bool)
     imputed[match.panel_index] = False
     records = _merge_passthrough(pan, tgt, match, probs, imputed)
-    header = _header(pan.chrom, _contig_length(panel_path, pan.chrom), tgt.samples, command)
-    write_bgzipped_vcf(_vcf_lines(records, header), out)
+    header = _header(pan.chrom, _contig_length(panel_path, pan.chrom), tgt.samples, command, gp)
+    write_bgzipped_vcf(_vcf_lines(records, header, gp), out)
     return len(records.pos)
 
 
@@ -82,7 +87,7 @@ def _digits(value: float, out: np.ndarray, at: int) -> None:  # pragma: no cover
 
 @njit(parallel=True, cache=True)
 def _format(p: np.ndarray, buf: np.ndarray) -> None:  # pragma: no cover - compiled
-    rows, n = buf.shape[0], buf.shape[1]
+    rows, n, width = buf.shape[0], buf.shape[1], buf.shape[2]
     for r in prange(rows):
         for i in range(n):
             p1, p2 = np.float64(p[r, 2 * i]), np.float64(p[r, 2 * i + 1])
@@ -92,41 +97,45 @@ def _format(p: np.ndarray, buf: np.ndarray) -> None:  # pragma: no cover - compi
             out[2] = 49 if p2 > 0.5 else 48
             out[3] = 58  # ":"
             _digits(p1 + p2, out, 4)
-            out[9] = 58
-            _digits((1 - p1) * (1 - p2), out, 10)
-            out[15] = 44  # ","
-            _digits(p1 * (1 - p2) + (1 - p1) * p2, out, 16)
-            out[21] = 44
-            _digits(p1 * p2, out, 22)
-            out[27] = 9  # tab
+            if width > 10:  # GP
+                out[9] = 58
+                _digits((1 - p1) * (1 - p2), out, 10)
+                out[15] = 44  # ","
+                _digits(p1 * (1 - p2) + (1 - p1) * p2, out, 16)
+                out[21] = 44
+                _digits(p1 * p2, out, 22)
+            out[width - 1] = 9  # tab
         if n:
-            buf[r, n - 1, 27] = 10  # newline
+            buf[r, n - 1, width - 1] = 10  # newline
 
 
-def format_samples(p: np.ndarray) -> np.ndarray:
-    """Sample columns for complete rows: uint8 (rows, n_samples, 28) of fixed-width text.
+def format_samples(p: np.ndarray, gp: bool = False) -> np.ndarray:
+    """Sample columns for complete rows: uint8 (rows, n_samples, width) of fixed-width text.
 
     p (rows, 2 * n_samples) P(ALT) per haplotype. Every field has a fixed width (GT 3, DS 5,
-    GP 17 characters), so the whole block is filled by one compiled loop, no per-genotype
-    string formatting: 40k sites x 100 people take a fraction of a second. The last byte of a
-    row is a newline.
+    GP 17 characters; width 28 with GP, 10 without), so the whole block is filled by one
+    compiled loop, no per-genotype string formatting: 40k sites x 100 people take a fraction of
+    a second. The last byte of a row is a newline.
     """
     rows, n = p.shape[0], p.shape[1] // 2
-    buf = np.empty((rows, n, _FIELD), dtype=np.uint8)
+    buf = np.empty((rows, n, _FIELD[gp]), dtype=np.uint8)
     _format(np.ascontiguousarray(p), buf)
     return buf
 
 
-def _format_missing_row(p: np.ndarray) -> str:
+def _format_missing_row(p: np.ndarray, gp: bool) -> bytes:
     """Sample columns of a pass-through row with missing calls (NaN): rare, so plain Python."""
     fields = []
     for a, b in zip(p[0::2], p[1::2], strict=True):
         if np.isnan(a) or np.isnan(b):
-            fields.append("./.:.:.")
+            fields.append("./.:.:." if gp else "./.:.")
             continue
-        g = ((1 - a) * (1 - b), a * (1 - b) + (1 - a) * b, a * b)
-        fields.append(f"{int(a)}|{int(b)}:{a + b:.3f}:{g[0]:.3f},{g[1]:.3f},{g[2]:.3f}")
-    return "\t".join(fields) + "\n"
+        field = f"{int(a)}|{int(b)}:{a + b:.3f}"
+        if gp:
+            g = ((1 - a) * (1 - b), a * (1 - b) + (1 - a) * b, a * b)
+            field += f":{g[0]:.3f},{g[1]:.3f},{g[2]:.3f}"
+        fields.append(field)
+    return ("\t".join(fields) + "\n").encode()
 
 
 def dosage_r2(p: np.ndarray) -> np.ndarray:
@@ -161,19 +170,20 @@ class _Records:
     passthrough: np.ndarray  # bool (rows,)
 
 
-def _vcf_lines(records: _Records, header: list[str]) -> Iterator[str]:
-    """Header, then records in chunks of text (one string per chunk)."""
-    yield "\n".join(header) + "\n"
+def _vcf_lines(records: _Records, header: list[str], gp: bool) -> Iterator[bytes]:
+    """Header, then records in chunks of text (bytes, one per chunk)."""
+    yield ("\n".join(header) + "\n").encode()
+    fmt = "GT:DS:GP" if gp else "GT:DS"
     p_all = records.probs
     for start in range(0, len(records.pos), _CHUNK_ROWS):
         stop = min(start + _CHUNK_ROWS, len(records.pos))
         p = p_all[start:stop]
         complete = ~np.isnan(p).any(1)
-        block = format_samples(np.where(np.isnan(p), 0.0, p))
+        block = format_samples(np.where(np.isnan(p), 0.0, p), gp)
         ds = p[:, 0::2].astype(np.float64) + p[:, 1::2]
         af = np.nanmean(ds, axis=1) / 2 if p.shape[1] else np.zeros(len(p))
         dr2 = dosage_r2(np.where(np.isnan(p), 0.0, p))
-        parts: list[str] = []
+        parts: list[bytes] = []
         for i in range(stop - start):
             row = start + i
             info = f"AF={_fmt_af(af[i])}"
@@ -183,13 +193,10 @@ def _vcf_lines(records: _Records, header: list[str]) -> Iterator[str]:
                 info += ";IMP"
             parts.append(
                 f"{records.chrom}\t{records.pos[row]}\t.\t{records.ref[row]}\t{records.alt[row]}"
-                f"\t.\tPASS\t{info}\tGT:DS:GP\t"
+                f"\t.\tPASS\t{info}\t{fmt}\t".encode()
             )
-            if complete[i]:
-                parts.append(block[i].tobytes().decode("ascii"))
-            else:
-                parts.append(_format_missing_row(p[i]))
-        yield "".join(parts)
+            parts.append(block[i].tobytes() if complete[i] else _format_missing_row(p[i], gp))
+        yield b"".join(parts)
 
 
 def _fmt_af(x: float) -> str:
@@ -211,7 +218,9 @@ def _contig_length(panel_path: Path, chrom: str) -> int | None:
     return int(value) if value else None
 
 
-def _header(chrom: str, length: int | None, samples: list[str], command: str) -> list[str]:
+def _header(
+    chrom: str, length: int | None, samples: list[str], command: str, gp: bool
+) -> list[str]:
     from snvbert import __version__
 
     contig = f"##contig=<ID={chrom}" + (f",length={length}>" if length else ">")
@@ -228,6 +237,10 @@ def _header(chrom: str, length: int | None, samples: list[str], command: str) ->
         '##INFO=<ID=IMP,Number=0,Type=Flag,Description="Imputed marker">',
         '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">',
         '##FORMAT=<ID=DS,Number=A,Type=Float,Description="Estimated ALT dose [P(RA) + 2*P(AA)]">',
-        '##FORMAT=<ID=GP,Number=G,Type=Float,Description="Estimated genotype probability">',
+        *(
+            ['##FORMAT=<ID=GP,Number=G,Type=Float,Description="Estimated genotype probability">']
+            if gp
+            else []
+        ),
         "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\t" + "\t".join(samples),
     ]

@@ -45,12 +45,14 @@ def impute_hmm(
     batch_haps: int = 128,
     cache_dir: str | os.PathLike = ".snvbert_cache",
     progress: bool = True,
+    gp: bool = False,
 ) -> dict[str, int | float]:
     """Impute ``target`` against ``panel`` with the HMM; write ``out`` like snvbert.impute does.
 
     ``err`` the mismatch rate, or ``auto``: fitted to the targets by EM, as snvbert.impute does.
     ``ibs``: only the haplotypes Beagle's IBS selection keeps are states (None: all).
     Every panel haplotype is a reference; ``batch_haps`` target haplotypes run at a time.
+    ``gp``: write GP beside GT:DS.
     """
     panel_path, target_path = Path(panel), Path(target)
     pan = load_panel(panel_path, cache_dir=cache_dir, progress=progress)
@@ -86,5 +88,6 @@ def impute_hmm(
         probs,
         panel_path,
         f"hmm panel={panel_path} target={target_path} ne={ne} err={err:.3g} ibs={ibs}",
+        gp=gp,
     )
     return {"written": n, "typed": int(len(typed)), "imputed": pan.n_sites - len(typed), "err": err}

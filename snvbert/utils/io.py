@@ -58,8 +58,11 @@ def atomic_path(path: str | os.PathLike, *, suffixes: Iterable[str] = ()) -> Ite
                 leftover.unlink()
 
 
-def write_bgzipped_vcf(lines: Iterable[str], out: str | os.PathLike, *, threads: int = 2) -> Path:
-    """Write VCF text lines (each ending in a newline) as ``out`` (bgzipped) plus a tabix index.
+def write_bgzipped_vcf(
+    lines: Iterable[str | bytes], out: str | os.PathLike, *, threads: int = 2
+) -> Path:
+    """Write VCF text lines (each ending in a newline; str or, already encoded, bytes) as ``out``
+    (bgzipped) plus a tabix index.
 
     The file and its ``.tbi`` appear together, atomically, when both are complete.
     """
@@ -74,7 +77,7 @@ def write_bgzipped_vcf(lines: Iterable[str], out: str | os.PathLike, *, threads:
             assert proc.stdin is not None
             try:
                 for line in lines:
-                    proc.stdin.write(line.encode())
+                    proc.stdin.write(line if isinstance(line, bytes) else line.encode())
             finally:
                 proc.stdin.close()
                 code = proc.wait()
