@@ -110,7 +110,9 @@ class Retriever:
     def _search_torch(
         self, query: Tensor, panel: Tensor, jitter: Tensor, exclude: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        scores = torch.addmm(jitter, query, panel.T)  # (B, N) inner products + tie-break jitter
+        # (B, N) inner products (integers, exact in any summation order), then the tie-break
+        # jitter added apart, so a row's scores do not depend on the batch's other rows or columns
+        scores = torch.mm(query, panel.T).add_(jitter)
         if exclude is not None:
             scores.masked_fill_(exclude, float("-inf"))
         return torch.topk(scores, min(self.k, panel.shape[0]), dim=1, sorted=True)
@@ -350,6 +352,9 @@ def retrieve(
         scores, idx, valid = select_by_posterior(
             *panel_post, off, n, retriever.k, query, panel, ~exclude
         )
+    elif sites is not None:
+        # Only the rows that hold a chosen site need neighbours: the others take the HMM skip.
+        scores, idx, valid = _search_rows(retriever, query, panel, jitter, exclude, sites[0])
     else:
         scores, idx, valid = retriever.search(query, panel, jitter, exclude)
     length = batch["tokens"].shape[1]
@@ -407,6 +412,30 @@ def retrieve(
     return batch
 
 
+def _search_rows(
+    retriever: Retriever,
+    query: Tensor,
+    panel: Tensor,
+    jitter: Tensor,
+    exclude: Tensor,
+    rows: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:meth:`Retriever.search` for the batch rows among ``rows`` alone, as (B, K) tensors; the
+    other rows get no neighbour (valid False). Each row's search is its own, so a searched row
+    gets exactly what a search over the whole batch gives it."""
+    active = torch.unique(rows)
+    if active.numel() == query.shape[0]:
+        return retriever.search(query, panel, jitter, exclude)
+    b, k = query.shape[0], retriever.k
+    scores = torch.zeros(b, k, device=query.device)
+    idx = torch.zeros(b, k, dtype=torch.long, device=query.device)
+    valid = torch.zeros(b, k, dtype=torch.bool, device=query.device)
+    if active.numel():
+        got = retriever.search(query[active], panel, jitter, exclude[active])
+        scores[active], idx[active], valid[active] = got
+    return scores, idx, valid
+
+
 def _packed(
     batch: dict[str, Tensor],
     query: Tensor,
@@ -433,12 +462,14 @@ def _packed(
         hmm = (valid.float() / n_valid)[rows]
     else:
         lo, hi, w = site_interpolation(cols, ctx_morgan, off, int(at.max()) + 1)
-        # only the HMM columns either side of a chosen site: (B, K, used)
+        # only the HMM columns either side of a chosen site, of the rows that hold one:
+        # (active rows, K, used)
         used, inverse = torch.unique(torch.cat([lo[at], hi[at]]), return_inverse=True)
-        post = readout.neighbours(idx, used) * valid[:, :, None]
+        active, row_at = torch.unique(rows, return_inverse=True)
+        post = readout.neighbours(idx[active], used, active) * valid[active][:, :, None]
         on_left, on_right = inverse[: at.numel()], inverse[at.numel() :]
         w = w[at][:, None]
-        hmm = (1 - w) * post[rows, :, on_left] + w * post[rows, :, on_right]
+        hmm = (1 - w) * post[row_at, :, on_left] + w * post[row_at, :, on_right]
     batch["hmm_dose"] = readout.dose
     batch.update(_neighbour_keys(idx, valid, scores, panel_hap, alleles, left, right, keep))
     batch.update(nbr_hmm=hmm, packed_rows=rows, packed_sites=at)

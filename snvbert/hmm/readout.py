@@ -24,7 +24,8 @@ class PanelReadout:
     dose (B, length) P(ALT) at the window's sites (padded); cols (U,) the context columns the
     neighbours' posteriors are known at; neighbours maps neighbour indices (B, K), and
     optionally which of the U columns (U',), to their posteriors (B, K, U) there, or (B, K, U')
-    (0 for a haplotype that is not one of the query's states).
+    (0 for a haplotype that is not one of the query's states); with ``rows`` (B',), the batch
+    rows whose neighbours ``idx`` (B', K) are, to (B', K, ...).
     """
 
     dose: Tensor
