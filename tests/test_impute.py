@@ -14,7 +14,7 @@ from cyvcf2 import VCF
 import snvbert.data.vcf_writer as vcf_writer
 import snvbert.impute as imp
 from snvbert.data.sites import match_sites, prepare_target
-from snvbert.data.vcf_writer import dosage_r2, format_samples
+from snvbert.data.vcf_writer import _format_missing_row, dosage_r2, format_samples
 from snvbert.errors import SnvbertError
 from snvbert.impute import impute
 from snvbert.utils.io import write_bgzipped_vcf
@@ -68,16 +68,19 @@ def clean(tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path_factory) -> tup
         out,
         cache_dir=cache,
         progress=False,
+        gp=True,
     )
     return out, summary
 
 
 def _records(path: Path) -> dict[tuple[int, str, str], dict]:
     out = {}
-    for v in VCF(str(path)):
+    vcf = VCF(str(path))
+    gp = "ID=GP," in vcf.raw_header
+    for v in vcf:
         out[(v.POS, v.REF, v.ALT[0])] = {
             "ds": v.format("DS")[:, 0].copy(),
-            "gp": v.format("GP").copy(),
+            "gp": v.format("GP").copy() if gp else None,
             "gt": v.genotypes,
             "imp": v.INFO.get("IMP") is not None,
             "dr2": v.INFO.get("DR2"),
@@ -128,6 +131,33 @@ def test_dosage_and_genotype_probabilities_agree(clean) -> None:
     assert np.all(np.stack([np.array(r["gt"])[:, 2] for r in recs.values()]) == 1)  # phased
     # The best guess agrees with the dosage: hom-ref where DS is small, hom-alt where large.
     assert np.all(gt.sum(-1)[ds < 0.4] == 0) and np.all(gt.sum(-1)[ds > 1.6] == 2)
+
+
+def test_gp_false_writes_gt_ds_only_with_the_same_values(
+    clean, tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path: Path
+) -> None:
+    """The default output is GT:DS (Beagle's default, gp=false): the same genotypes, dosages and
+    DR2 as with GP, no GP in the header or records, and bcftools reads it."""
+    out = tmp_path / "gt_ds.vcf.gz"
+    impute(
+        tiny_ckpt,
+        tiny_sim / "panel.vcf.gz",
+        tiny_sim / "array.vcf.gz",
+        out,
+        cache_dir=cache,
+        progress=False,
+    )
+    view = subprocess.run(["bcftools", "view", "-H", str(out)], capture_output=True, text=True)
+    assert view.returncode == 0, view.stderr
+    assert {line.split("\t")[8] for line in view.stdout.splitlines()} == {"GT:DS"}
+    assert "ID=GP" not in VCF(str(out)).raw_header
+    with_gp = _records(clean[0])
+    for v in VCF(str(out)):
+        r = with_gp[(v.POS, v.REF, v.ALT[0])]
+        assert np.array_equal(v.format("DS")[:, 0], r["ds"])
+        assert v.genotypes == r["gt"] and v.INFO.get("DR2") == r["dr2"]
+    with pytest.raises(SnvbertError, match="gp=yes must be true or false"):
+        impute(tiny_ckpt, tiny_sim / "panel.vcf.gz", tiny_sim / "array.vcf.gz", out, gp="yes")
 
 
 def test_typed_genotypes_are_written_as_given(clean, tiny_sim: Path) -> None:
@@ -201,7 +231,7 @@ def test_interrupted_run_leaves_nothing(
 ) -> None:
     calls = {"n": 0}
 
-    def failing(p):
+    def failing(p, gp):
         calls["n"] += 1
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle of writing
 
@@ -311,8 +341,13 @@ def test_format_samples_writes_gt_ds_gp_exactly() -> None:
     """The compiled formatter against numpy arithmetic on the same float64 values (thousandths
     rounded half to even), on random probabilities, ties and the extremes."""
     p = np.array([[0.0, 1.0, 0.25, 0.75]], dtype=np.float32)
-    text = format_samples(p)[0].tobytes().decode()
+    text = format_samples(p, gp=True)[0].tobytes().decode()
     assert text == "0|1:1.000:0.000,1.000,0.000\t0|1:1.000:0.188,0.625,0.188\n"
+    assert format_samples(p)[0].tobytes().decode() == "0|1:1.000\t0|1:1.000\n"
+    # a pass-through row with a missing call
+    missing = np.array([np.nan, 1.0, 0.0, 1.0], dtype=np.float32)
+    assert _format_missing_row(missing, gp=False) == b"./.:.\t0|1:1.000\n"
+    assert _format_missing_row(missing, gp=True) == b"./.:.:.\t0|1:1.000:0.000,1.000,0.000\n"
     rng = np.random.default_rng(0)
     big = rng.random((300, 60), dtype=np.float32)
     big[:, :6] = [0.0, 1.0, 0.5, 0.5, 0.0625, 0.9375]  # ties, both ends
@@ -330,8 +365,10 @@ def test_format_samples_writes_gt_ds_gp_exactly() -> None:
     for part in [":", field(p1 + p2), ":", field(gp[0]), ",", field(gp[1]), ",", field(gp[2])]:
         columns = np.char.add(columns, part)
     expected = ["\t".join(row) + "\n" for row in columns]
-    got = [row.tobytes().decode() for row in format_samples(big)]
+    got = [row.tobytes().decode() for row in format_samples(big, gp=True)]
     assert got == expected
+    gt_ds = ["\t".join(row) + "\n" for row in np.char.add(np.char.add(gt, ":"), field(p1 + p2))]
+    assert [row.tobytes().decode() for row in format_samples(big)] == gt_ds
 
 
 def test_dosage_r2_is_one_for_certain_calls_and_zero_without_information() -> None:
@@ -602,7 +639,17 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
     to the HMM (other dosages; the summary says so); a value outside [0, 0.5) is a one-line
     error that writes nothing."""
     out, summary = clean
-    assert summary["hmm_certain"] == pytest.approx(1e-3)  # the checkpoint's
+    assert summary["hmm_certain"] == pytest.approx(imp.AUTO_CERTAIN)  # auto: above the trained 1e-3
+    trained = impute(
+        tiny_ckpt,
+        tiny_sim / "panel.vcf.gz",
+        tiny_sim / "array.vcf.gz",
+        tmp_path / "trained.vcf.gz",
+        cache_dir=cache,
+        progress=False,
+        hmm_certain="train",
+    )
+    assert trained["hmm_certain"] == pytest.approx(1e-3)  # the checkpoint's
     wide = impute(
         tiny_ckpt,
         tiny_sim / "panel.vcf.gz",
@@ -617,8 +664,10 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
     a, b = _records(out), _records(tmp_path / "wide.vcf.gz")
     changed = sum(not np.allclose(a[key]["ds"], b[key]["ds"]) for key in a if a[key]["imp"])
     assert changed > 0
-    for bad in (0.5, -0.1):
-        with pytest.raises(SnvbertError, match=f"hmm_certain={bad} must be at least 0"):
+    c = _records(tmp_path / "trained.vcf.gz")
+    assert sum(not np.allclose(a[key]["ds"], c[key]["ds"]) for key in a if a[key]["imp"]) > 0
+    for bad, why in ((0.5, "must be at least 0"), (-0.1, "must be at least 0"), ("x", "must be auto")):
+        with pytest.raises(SnvbertError, match=f"hmm_certain={bad} {why}"):
             impute(
                 tiny_ckpt,
                 tiny_sim / "panel.vcf.gz",
