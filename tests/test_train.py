@@ -313,3 +313,33 @@ def test_best_checkpoint_is_from_the_final_level_and_resume_continues(tmp_path, 
     expected = module.hparams.lr * sched.lr_lambdas[0](trainer.global_step)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
     assert sched.last_epoch == trainer.global_step  # the warmup did not restart
+
+
+def test_weight_averaging_checkpoints_and_imputes_the_average(tmp_path, tiny_sim):
+    """experiment=accuracy's EMAWeightAveraging: a checkpoint's state_dict holds the average
+    (what validation scored) and its current_model_state the raw weights; imputation loads the
+    average. 2 epochs of 3 steps, averaged (decay 0.5) from the second epoch on."""
+    cfg = compose_train(
+        tmp_path,
+        tiny_sim,
+        "debug=default",
+        "trainer.detect_anomaly=false",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "+callbacks.weight_averaging._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+        "+callbacks.weight_averaging.decay=0.5",
+        "+callbacks.weight_averaging.update_starting_at_step=${trainer.limit_train_batches}",
+    )
+    train(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    average, current = last["state_dict"], last["current_model_state"]
+    assert average.keys() == current.keys()
+    moved = [k for k in average if not torch.equal(average[k], current[k])]
+    assert moved and all(k.startswith("net.") for k in moved)
+    assert int(last["averaging_state"]["n_averaged"]) == 3  # steps 3, 4 and 5 (0-based)
+    from snvbert.impute import load_trained
+
+    net = load_trained(tmp_path / "run" / "checkpoints" / "last.ckpt", torch.device("cpu")).net
+    name = moved[0]
+    assert torch.equal(net.state_dict()[name.removeprefix("net.")], average[name])
