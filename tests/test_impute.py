@@ -666,7 +666,11 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
     assert changed > 0
     c = _records(tmp_path / "trained.vcf.gz")
     assert sum(not np.allclose(a[key]["ds"], c[key]["ds"]) for key in a if a[key]["imp"]) > 0
-    for bad, why in ((0.5, "must be at least 0"), (-0.1, "must be at least 0"), ("x", "must be auto")):
+    for bad, why in (
+        (0.5, "must be at least 0"),
+        (-0.1, "must be at least 0"),
+        ("x", "must be auto"),
+    ):
         with pytest.raises(SnvbertError, match=f"hmm_certain={bad} {why}"):
             impute(
                 tiny_ckpt,
