@@ -465,18 +465,19 @@ def _resolve_hmm_err(value: str | float | None) -> str | float | None:
     return rate
 
 
-# impute's hmm_certain=auto: the network runs at hidden sites whose HMM P(ALT) lies in
-# (0.02, 0.98), or the trained interval where that is narrower. Measured on the 5 Mb scenario
-# (seed 1, both arrays, the same checkpoint trained at 0.01): r² within 0.0002 of 0.01's in
-# every MAF bin, 27 % fewer tokens through the network (README, Speed).
-AUTO_CERTAIN = 0.02
+# impute's hmm_certain=auto: the network runs where the HMM's P(ALT) is more than this many
+# times the trained hmm_certain from 0 and 1. Measured (README, Speed; paired r² by MAF bin, the
+# same checkpoint): compact trained at 0.01 run at 0.02 moved every bin of scenario 1's two
+# arrays by at most 0.0002 with 27 % fewer tokens; small trained at 0.001 run at 0.002 moved the
+# demo's bins by at most 0.0003 (at 0.02 its [0.01, 0.05) bin lost 0.0021).
+AUTO_CERTAIN_FACTOR = 2.0
 
 
 def _resolve_hmm_certain(value: Any, trained: float) -> float | None:
-    """impute's hmm_certain: ``auto`` (the larger of AUTO_CERTAIN and the trained value; a
-    network trained at every site, 0, stays so), ``train`` (as trained: None) or a number."""
+    """impute's hmm_certain: ``auto`` (AUTO_CERTAIN_FACTOR times the trained value; a network
+    trained at every site, 0, stays so), ``train`` (as trained: None) or a number."""
     if value == "auto":
-        return max(trained, AUTO_CERTAIN) if trained > 0 else None
+        return min(AUTO_CERTAIN_FACTOR * trained, 0.49) if trained > 0 else None
     if value in ("train", None):
         return None
     try:
@@ -531,8 +532,8 @@ def impute(
     it to the targets (:func:`fit_hmm_err`), ``train`` keeps the training value, a number sets
     it; ``hmm_states`` the panel-state HMM's states (:func:`_resolve_hmm_states`);
     ``hmm_certain`` where the network runs (hidden sites whose HMM P(ALT) is more than this
-    from 0 and 1; ``auto``: :data:`AUTO_CERTAIN` or the checkpoint's ``model.hmm_certain``,
-    whichever is larger; ``train``: the checkpoint's); ``cache_dir``; ``threads``
+    from 0 and 1; ``auto``: :data:`AUTO_CERTAIN_FACTOR` times the checkpoint's
+    ``model.hmm_certain``; ``train``: the checkpoint's); ``cache_dir``; ``threads``
     the CPU threads of torch and the compiled HMM (None: every core); ``progress``; ``gp``
     whether the output carries GP beside GT and DS. Returns a summary: site counts by kind and
     every adjustment.

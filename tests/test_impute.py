@@ -639,7 +639,7 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
     to the HMM (other dosages; the summary says so); a value outside [0, 0.5) is a one-line
     error that writes nothing."""
     out, summary = clean
-    assert summary["hmm_certain"] == pytest.approx(imp.AUTO_CERTAIN)  # auto: above the trained 1e-3
+    assert summary["hmm_certain"] == pytest.approx(imp.AUTO_CERTAIN_FACTOR * 1e-3)  # auto
     trained = impute(
         tiny_ckpt,
         tiny_sim / "panel.vcf.gz",
