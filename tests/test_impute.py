@@ -58,18 +58,23 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("impute_cache")
 
 
-@pytest.fixture(scope="session")
-def clean(tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("imputed") / "imputed.vcf.gz"
-    summary = impute(
-        tiny_ckpt,
-        tiny_sim / "panel.vcf.gz",
-        tiny_sim / "array.vcf.gz",
+def _impute_tiny(ckpt: Path, sim: Path, out: Path, cache: Path, **settings) -> dict:
+    """impute the simulation's array against its panel, on the test cache, without progress."""
+    return impute(
+        ckpt,
+        sim / "panel.vcf.gz",
+        sim / "array.vcf.gz",
         out,
         cache_dir=cache,
         progress=False,
-        gp=True,
+        **settings,
     )
+
+
+@pytest.fixture(scope="session")
+def clean(tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("imputed") / "imputed.vcf.gz"
+    summary = _impute_tiny(tiny_ckpt, tiny_sim, out, cache, gp=True)
     return out, summary
 
 
@@ -139,14 +144,7 @@ def test_gp_false_writes_gt_ds_only_with_the_same_values(
     """The default output is GT:DS (Beagle's default, gp=false): the same genotypes, dosages and
     DR2 as with GP, no GP in the header or records, and bcftools reads it."""
     out = tmp_path / "gt_ds.vcf.gz"
-    impute(
-        tiny_ckpt,
-        tiny_sim / "panel.vcf.gz",
-        tiny_sim / "array.vcf.gz",
-        out,
-        cache_dir=cache,
-        progress=False,
-    )
+    _impute_tiny(tiny_ckpt, tiny_sim, out, cache)
     view = subprocess.run(["bcftools", "view", "-H", str(out)], capture_output=True, text=True)
     assert view.returncode == 0, view.stderr
     assert {line.split("\t")[8] for line in view.stdout.splitlines()} == {"GT:DS"}
@@ -157,7 +155,7 @@ def test_gp_false_writes_gt_ds_only_with_the_same_values(
         assert np.array_equal(v.format("DS")[:, 0], r["ds"])
         assert v.genotypes == r["gt"] and v.INFO.get("DR2") == r["dr2"]
     with pytest.raises(SnvbertError, match="gp=yes must be true or false"):
-        impute(tiny_ckpt, tiny_sim / "panel.vcf.gz", tiny_sim / "array.vcf.gz", out, gp="yes")
+        _impute_tiny(tiny_ckpt, tiny_sim, out, cache, gp="yes")
 
 
 def test_typed_genotypes_are_written_as_given(clean, tiny_sim: Path) -> None:
@@ -238,14 +236,7 @@ def test_interrupted_run_leaves_nothing(
     monkeypatch.setattr(vcf_writer, "format_samples", failing)
     out = tmp_path / "out.vcf.gz"
     with pytest.raises(KeyboardInterrupt):
-        impute(
-            tiny_ckpt,
-            tiny_sim / "panel.vcf.gz",
-            tiny_sim / "array.vcf.gz",
-            out,
-            cache_dir=cache,
-            progress=False,
-        )
+        _impute_tiny(tiny_ckpt, tiny_sim, out, cache)
     assert calls["n"] == 1
     assert list(tmp_path.iterdir()) == []
 
@@ -254,14 +245,7 @@ def test_unphased_target_is_a_one_line_error(
     tiny_ckpt: Path, tiny_sim_noisy: Path, cache: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(SnvbertError) as err:
-        impute(
-            tiny_ckpt,
-            tiny_sim_noisy / "panel.vcf.gz",
-            tiny_sim_noisy / "array.vcf.gz",
-            tmp_path / "out.vcf.gz",
-            cache_dir=cache,
-            progress=False,
-        )
+        _impute_tiny(tiny_ckpt, tiny_sim_noisy, tmp_path / "out.vcf.gz", cache)
     message = str(err.value)
     assert "\n" not in message
     assert "unphased" in message and "beagle gt=" in message and "impute=false" in message
@@ -510,15 +494,7 @@ def test_hmm_mismatch_rate_is_fitted_to_the_targets(
     )
     assert np.abs(panel_states - ibs_states).max() > 0.01
     with pytest.raises(SnvbertError, match="hmm_states=every must be auto, ibs, panel or train"):
-        impute(
-            tiny_ckpt,
-            tiny_sim / "panel.vcf.gz",
-            tiny_sim / "array.vcf.gz",
-            tiny_sim / "never.vcf.gz",
-            hmm_states="every",
-            cache_dir=cache,
-            progress=False,
-        )
+        _impute_tiny(tiny_ckpt, tiny_sim, tiny_sim / "never.vcf.gz", cache, hmm_states="every")
     assert not (tiny_sim / "never.vcf.gz").exists()
     assert imp._resolve_hmm_err("train") is None
     assert imp._resolve_hmm_err("1e-3") == 0.001
@@ -640,25 +616,11 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
     error that writes nothing."""
     out, summary = clean
     assert summary["hmm_certain"] == pytest.approx(imp.AUTO_CERTAIN_FACTOR * 1e-3)  # auto
-    trained = impute(
-        tiny_ckpt,
-        tiny_sim / "panel.vcf.gz",
-        tiny_sim / "array.vcf.gz",
-        tmp_path / "trained.vcf.gz",
-        cache_dir=cache,
-        progress=False,
-        hmm_certain="train",
+    trained = _impute_tiny(
+        tiny_ckpt, tiny_sim, tmp_path / "trained.vcf.gz", cache, hmm_certain="train"
     )
     assert trained["hmm_certain"] == pytest.approx(1e-3)  # the checkpoint's
-    wide = impute(
-        tiny_ckpt,
-        tiny_sim / "panel.vcf.gz",
-        tiny_sim / "array.vcf.gz",
-        tmp_path / "wide.vcf.gz",
-        cache_dir=cache,
-        progress=False,
-        hmm_certain=0.4,
-    )
+    wide = _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "wide.vcf.gz", cache, hmm_certain=0.4)
     assert wide["hmm_certain"] == 0.4
     assert "(0.4, 0.6)" in imp.format_summary(wide)
     a, b = _records(out), _records(tmp_path / "wide.vcf.gz")
@@ -672,15 +634,7 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
         ("x", "must be auto"),
     ):
         with pytest.raises(SnvbertError, match=f"hmm_certain={bad} {why}"):
-            impute(
-                tiny_ckpt,
-                tiny_sim / "panel.vcf.gz",
-                tiny_sim / "array.vcf.gz",
-                tmp_path / "bad.vcf.gz",
-                cache_dir=cache,
-                progress=False,
-                hmm_certain=bad,
-            )
+            _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "bad.vcf.gz", cache, hmm_certain=bad)
     assert not (tmp_path / "bad.vcf.gz").exists()
 
 
