@@ -616,6 +616,7 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
     error that writes nothing."""
     out, summary = clean
     assert summary["hmm_certain"] == pytest.approx(imp.AUTO_CERTAIN_FACTOR * 1e-3)  # auto
+    assert summary["hmm_common_maf"] == imp.AUTO_COMMON_MAF  # auto, the checkpoint has none
     trained = _impute_tiny(
         tiny_ckpt, tiny_sim, tmp_path / "trained.vcf.gz", cache, hmm_certain="train"
     )
@@ -635,6 +636,45 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
     ):
         with pytest.raises(SnvbertError, match=f"hmm_certain={bad} {why}"):
             _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "bad.vcf.gz", cache, hmm_certain=bad)
+    assert not (tmp_path / "bad.vcf.gz").exists()
+
+
+def test_hmm_common_maf_leaves_common_sites_to_the_hmm(
+    tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path: Path
+) -> None:
+    """impute hmm_common_maf=0.05: at imputed sites of panel MAF >= 0.05 the output is the HMM
+    skip's (that of a run where the network runs almost nowhere, hmm_certain=0.4999), at rarer
+    ones the network still moves it; the summary says so; a bad value is one line."""
+    from snvbert.data.vcf import load_panel
+
+    capped = _impute_tiny(
+        tiny_ckpt, tiny_sim, tmp_path / "capped.vcf.gz", cache, hmm_common_maf=0.05
+    )
+    assert capped["hmm_common_maf"] == 0.05
+    assert (
+        _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "off.vcf.gz", cache, hmm_common_maf="off")[
+            "hmm_common_maf"
+        ]
+        is None
+    )
+    assert "panel MAF is below 0.05" in imp.format_summary(capped)
+    _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "skip.vcf.gz", cache, hmm_certain=0.4999)
+    pan = load_panel(tiny_sim / "panel.vcf.gz", cache_dir=cache, progress=False)
+    af = np.asarray(pan.haplotypes).mean(1)
+    maf = {
+        (int(p), r, a): min(f, 1 - f)
+        for p, r, a, f in zip(pan.pos, pan.ref, pan.alt, af, strict=True)
+    }
+    a, b = _records(tmp_path / "capped.vcf.gz"), _records(tmp_path / "skip.vcf.gz")
+    imputed = [key for key in a if a[key]["imp"]]
+    same = {key: np.allclose(a[key]["ds"], b[key]["ds"], atol=1e-3) for key in imputed}
+    common = [key for key in imputed if maf[key] >= 0.05]
+    rare = [key for key in imputed if maf[key] < 0.05]
+    assert len(common) > 50 and len(rare) > 50
+    assert np.mean([same[key] for key in common]) > 0.99
+    assert np.mean([same[key] for key in rare]) < 0.99
+    with pytest.raises(SnvbertError, match="hmm_common_maf=0.7 must be auto, train, off"):
+        _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "bad.vcf.gz", cache, hmm_common_maf=0.7)
     assert not (tmp_path / "bad.vcf.gz").exists()
 
 

@@ -389,6 +389,36 @@ def test_certain_sites_take_the_hmm_and_leave_the_network_s_sequence() -> None:
     assert gated.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
+def test_common_hidden_sites_take_the_hmm_with_hmm_common_maf() -> None:
+    """model.hmm_common_maf: a hidden site whose panel MAF is at least the cap takes the HMM
+    skip whatever its P(ALT) and leaves the network's sequence; typed sites of any MAF and rare
+    uncertain hidden ones run; with no common site the capped net is the uncapped one; a cap
+    outside (0, 0.5] is refused."""
+    torch.manual_seed(0)
+    batch = make_fake_batch(B=6, L=48, K=8, n_pad=4)
+    batch["hmm_dose"] = batch["hmm_dose"].clamp(0.05, 0.95)  # uncertain everywhere
+    batch["af"] = torch.rand(batch["af"].shape)
+    maf = torch.minimum(batch["af"], 1 - batch["af"])
+    hidden = (batch["tokens"] == MASK) & ~batch["pad"]
+    common = hidden & (maf >= 0.2)
+    capped = build_net("tiny", hmm_certain=1e-3, hmm_common_maf=0.2).eval()
+    free = build_net("tiny", hmm_certain=1e-3).eval()
+    free.load_state_dict(capped.state_dict())
+    out = capped(batch)
+    assert common.any() and (hidden & ~common).any()
+    assert ((batch["tokens"] != MASK) & ~batch["pad"] & (maf >= 0.2) & out["ran"]).any()
+    assert torch.equal(out["ran"], ~batch["pad"] & ~common)
+    skip = capped.hmm_gain * torch.logit(batch["hmm_dose"], eps=1e-4)
+    assert torch.equal(out["logits"][common], skip[common])
+    assert not torch.allclose(free(batch)["logits"][common], skip[common])
+    rare = {**batch, "af": batch["af"] * 0.19}  # every MAF below the cap
+    keep = ~batch["pad"]
+    torch.testing.assert_close(capped(rare)["logits"][keep], free(rare)["logits"][keep])
+    for bad in (0.0, 0.6):
+        with pytest.raises(ValueError, match="hmm_common_maf"):
+            build_net("tiny", hmm_common_maf=bad)
+
+
 def test_a_checkpoint_loads_without_lightning_and_old_ones_keep_their_behaviour() -> None:
     """impute loads the net from the checkpoint dict alone (no Lightning import); a config
     written before model.hmm_certain existed runs the network everywhere, as it did then."""
@@ -403,4 +433,9 @@ def test_a_checkpoint_loads_without_lightning_and_old_ones_keep_their_behaviour(
     old = {k: v for k, v in raw["hyper_parameters"]["net"].items() if k != "hmm_certain"}
     assert net_from_checkpoint({**raw, "hyper_parameters": {"net": old}}).config.hmm_certain == 0
     assert SNVBertModule(old).net.config.hmm_certain == 0
+    older = {k: v for k, v in old.items() if k != "hmm_common_maf"}
+    assert (
+        net_from_checkpoint({**raw, "hyper_parameters": {"net": older}}).config.hmm_common_maf
+        is None
+    )
     assert module.net.config.hmm_certain == DEFAULTS["hmm_certain"] > 0

@@ -81,6 +81,11 @@ class NetConfig:
     # cost falls with the share of uncertain tokens (4.5 % on the 5 Mb scenario's array at
     # 1e-3). 0: the network runs at every site.
     hmm_certain: float
+    # With hmm_certain: a hidden site whose panel minor-allele frequency (the batch's ``af``) is
+    # at least this takes the HMM's answer too, whatever its P(ALT). The network's margin over
+    # the HMM lies at the rare sites, while the common ones hold most uncertain tokens (57 % at
+    # MAF >= 0.05 on the 5 Mb scenario's array). None: every MAF.
+    hmm_common_maf: float | None
 
     def __post_init__(self) -> None:
         # Hydra hands lists as ListConfig; store plain tuples so the config pickles and compares.
@@ -93,6 +98,10 @@ class NetConfig:
         self.hmm_certain = float(self.hmm_certain)
         if not 0.0 <= self.hmm_certain < 0.5:
             raise ValueError(f"hmm_certain={self.hmm_certain} must be in [0, 0.5)")
+        if self.hmm_common_maf is not None:
+            self.hmm_common_maf = float(self.hmm_common_maf)
+            if not 0.0 < self.hmm_common_maf <= 0.5:
+                raise ValueError(f"hmm_common_maf={self.hmm_common_maf} must be in (0, 0.5]")
         if self.d_model % self.n_head or self.d_model % 2:
             raise ValueError(
                 f"d_model={self.d_model} must be even and divisible by n_head={self.n_head}"
@@ -489,21 +498,25 @@ class SNVBertNet(nn.Module):
 
     def uncertain_sites(self, batch: Mapping[str, Tensor]) -> Tensor | None:
         """Where the network runs (``hmm_certain`` > 0), (B, L) bool: every typed site and every
-        hidden one whose HMM P(ALT) is more than ``hmm_certain`` from 0 and 1; None when it runs
-        everywhere."""
+        hidden one whose HMM P(ALT) is more than ``hmm_certain`` from 0 and 1 (and, with
+        ``hmm_common_maf``, whose panel MAF is below it); None when it runs everywhere."""
         if "hmm_dose" not in batch or "nbr_alleles" not in batch:
             return None
-        return self.chosen_sites(batch["tokens"], batch["pad"], batch["hmm_dose"])
+        return self.chosen_sites(batch["tokens"], batch["pad"], batch["hmm_dose"], batch["af"])
 
-    def chosen_sites(self, tokens: Tensor, pad: Tensor, dose: Tensor) -> Tensor | None:
-        """:meth:`uncertain_sites` from the tokens, pad and the HMM's P(ALT) (B, L) alone (so
-        imputation knows them before retrieval); None when the network runs everywhere."""
-        eps = self.config.hmm_certain
+    def chosen_sites(self, tokens: Tensor, pad: Tensor, dose: Tensor, af: Tensor) -> Tensor | None:
+        """:meth:`uncertain_sites` from the tokens, pad, the HMM's P(ALT) and the panel ALT
+        frequency (B, L) alone (so imputation knows them before retrieval); None when the
+        network runs everywhere."""
+        eps, common = self.config.hmm_certain, self.config.hmm_common_maf
         if not eps or not self.config.hmm_skip or not self.fusion:
             return None
         dose = dose.float()
-        certain = (tokens == MASK) & ((dose <= eps) | (dose >= 1.0 - eps))
-        return ~pad & ~certain
+        settled = (dose <= eps) | (dose >= 1.0 - eps)
+        if common is not None:
+            af = af.float()
+            settled |= torch.minimum(af, 1.0 - af) >= common
+        return ~pad & ~((tokens == MASK) & settled)
 
     def _skip_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
         """gain * logit(P(ALT) of the HMM), the output where the network does not run."""
@@ -604,8 +617,9 @@ class SNVBertNet(nn.Module):
 
 
 # What a net config stored before a key existed means: the behaviour of that version (a
-# checkpoint from before model.hmm_certain ran the network at every site).
-LEGACY_NET: dict[str, Any] = {"hmm_certain": 0.0}
+# checkpoint from before model.hmm_certain ran the network at every site, one from before
+# model.hmm_common_maf at every MAF).
+LEGACY_NET: dict[str, Any] = {"hmm_certain": 0.0, "hmm_common_maf": None}
 
 
 def net_from_checkpoint(raw: Mapping[str, Any]) -> SNVBertNet:
