@@ -211,8 +211,12 @@ def predict(
         hmm = replace(hmm, ibs=hmm_ibs)
     morgans = genetic_positions(panel.pos, None) if morgans is None else morgans
     chromosome = None  # the panel-state HMM over the typed sites of the whole chromosome
+    compiled = _compiled_path(device)
     if hmm is not None and hmm.states == "panel" and len(typed_sites):
-        if ChromosomeHMM.fits(len(typed_sites), len(ref_haps), 2 * batch_size, HMM_MEMORY_BYTES):
+        # The compiled path holds a block of people's posteriors, the block sized below to
+        # HMM_MEMORY_BYTES (so one person must fit); the dense one a whole batch's.
+        queries = 2 if compiled else 2 * batch_size
+        if ChromosomeHMM.fits(len(typed_sites), len(ref_haps), queries, HMM_MEMORY_BYTES):
             chromosome = ChromosomeHMM.from_panel(
                 panel.haplotypes,
                 typed_sites,
@@ -224,7 +228,7 @@ def predict(
             )
         else:
             log.info("the chromosome-wide HMM would not fit in memory: the HMM runs per window")
-    compact = chromosome is not None and _compiled_path(device)
+    compact = chromosome is not None and compiled
     # The reference haplotypes' +-1 code over the whole chromosome, made once (each window's
     # context is a view of it) when it takes at most PANEL_CODE_BYTES; else per window.
     panel_pm = None
@@ -238,11 +242,13 @@ def predict(
     # Blocks of people: the HMM runs once per block over the whole chromosome, then each
     # window's panel context is built once per block and serves every batch of it. On a CPU a
     # block is as many people as HMM_MEMORY_BYTES of posteriors over their own states hold
-    # (compiled kernel); on a GPU one batch (the dense torch pass).
+    # (compiled kernel; a whole number of batches, or one smaller batch when a batch's would
+    # not fit); on a GPU one batch (the dense torch pass).
     per_person = 2 * max(1, len(typed_sites)) * len(ref_haps) * 4
     block = batch_size
     if compact:
-        block = max(batch_size, HMM_MEMORY_BYTES // per_person // batch_size * batch_size)
+        fit = max(1, HMM_MEMORY_BYTES // per_person)
+        block = fit // batch_size * batch_size if fit >= batch_size else fit
     blocks = [np.arange(i, min(i + block, n_targets)) for i in range(0, n_targets, block)]
     n_batches = sum(-(-len(b) // batch_size) for b in blocks)
     bar = progress_bar(len(windows) * n_batches, "imputing", "batches", log, enabled=progress)
@@ -488,19 +494,22 @@ def _resolve_hmm_certain(value: Any, trained: float) -> float | None:
         raise SnvbertError(f"hmm_certain={value} must be auto, train or a number") from None
 
 
-# impute's hmm_common_maf=auto for a checkpoint trained without a cap: hidden sites of panel
-# MAF at least this take the HMM's answer. Measured (README, Speed; paired r² by MAF bin, the
-# same checkpoint, scenario 1's two arrays): every bin below 0.05 unchanged to the fourth
-# decimal, [0.05, 0.5] -0.0002 (intervals across zero; the HMM alone is above Beagle there),
-# with 57 % fewer uncertain tokens.
+# impute's hmm_common_maf=auto for a checkpoint trained without a cap, when the HMM runs over
+# IBS-selected states: hidden sites of panel MAF at least this take the HMM's answer. Measured
+# (README, Speed; paired r² by MAF bin, the same checkpoint): on scenario 1's two arrays (2,000
+# reference haplotypes, IBS states) every bin below 0.05 unchanged to the fourth decimal,
+# [0.05, 0.5] -0.0002 (intervals across zero; that HMM alone is above Beagle there), 57 % fewer
+# uncertain tokens. Over every haplotype (a small panel: the demo's 600) the network adds 0.01
+# at common sites, so there auto leaves every MAF to it.
 AUTO_COMMON_MAF = 0.05
 
 
-def _resolve_hmm_common_maf(value: Any, trained: float | None) -> float | None:
-    """impute's hmm_common_maf: ``auto`` (the checkpoint's cap, else AUTO_COMMON_MAF),
-    ``train`` (the checkpoint's), ``off`` (every MAF: None) or a MAF in (0, 0.5]."""
+def _resolve_hmm_common_maf(value: Any, trained: float | None, ibs: bool) -> float | None:
+    """impute's hmm_common_maf: ``auto`` (the checkpoint's cap; without one AUTO_COMMON_MAF
+    when the HMM's states are IBS-selected, ``ibs``, else none), ``train`` (the checkpoint's),
+    ``off`` (every MAF: None) or a MAF in (0, 0.5]."""
     if value == "auto":
-        return AUTO_COMMON_MAF if trained is None else trained
+        return trained if trained is not None or not ibs else AUTO_COMMON_MAF
     if value in ("train", None):
         return trained
     if value in ("off", False):
@@ -564,8 +573,8 @@ def impute(
     from 0 and 1; ``auto``: :data:`AUTO_CERTAIN_FACTOR` times the checkpoint's
     ``model.hmm_certain``; ``train``: the checkpoint's); ``hmm_common_maf`` the panel MAF
     from which hidden sites take the HMM's answer whatever their P(ALT) (``auto``: the
-    checkpoint's ``model.hmm_common_maf``, else :data:`AUTO_COMMON_MAF`; ``train``: the
-    checkpoint's; ``off``: none); ``cache_dir``; ``threads``
+    checkpoint's ``model.hmm_common_maf``, else :data:`AUTO_COMMON_MAF` with IBS-selected HMM
+    states and none with every haplotype; ``train``: the checkpoint's; ``off``: none); ``cache_dir``; ``threads``
     the CPU threads of torch and the compiled HMM (None: every core); ``progress``; ``gp``
     whether the output carries GP beside GT and DS. Returns a summary: site counts by kind and
     every adjustment.
@@ -623,9 +632,6 @@ def impute(
                 "(model.hmm_certain=0); leave hmm_certain=auto"
             )
         model.net.config.hmm_certain = float(certain)
-    model.net.config.hmm_common_maf = _resolve_hmm_common_maf(
-        setting["hmm_common_maf"], model.net.config.hmm_common_maf
-    )
     describe = model.describe
     trained_ibs = None if model.hmm is None else model.hmm.ibs
 
@@ -659,6 +665,11 @@ def impute(
     # The targets' own alleles never inform their inputs (as in training, leave them out).
     af_people = np.setdiff1d(ref_persons, query_persons[query_persons >= 0])
     ibs = _resolve_hmm_states(hmm_states, trained_ibs, 2 * len(ref_persons))
+    model.net.config.hmm_common_maf = _resolve_hmm_common_maf(
+        setting["hmm_common_maf"],
+        model.net.config.hmm_common_maf,
+        (trained_ibs if ibs == "train" else ibs) is not None,
+    )
     af = pan.alt_freq(af_people)
     k_used = int(k if k is not None else model.retrieval["k"])
     gmap = genetic_map if genetic_map is not None else describe.get("genetic_map")

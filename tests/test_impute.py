@@ -438,9 +438,15 @@ def test_chromosome_wide_hmm_equals_the_per_window_hmm(
     whole = imp.predict(*args, **kwargs)
     # once for the block of people (every target fits in HMM_MEMORY_BYTES), not per window
     assert len(calls_seen) == 1
+    # memory for two people, less than a batch of 3: blocks of two, still chromosome-wide
+    per_person = 2 * len(match.panel_index) * pan.n_haps * 4
+    monkeypatch.setattr(imp, "HMM_MEMORY_BYTES", 2 * per_person)
+    small_blocks = imp.predict(*args, **kwargs)
+    assert len(calls_seen) == 1 + -(-len(targets) // 2)
+    np.testing.assert_allclose(small_blocks, whole, atol=1e-5)  # other batches: float order
     monkeypatch.setattr(imp, "HMM_MEMORY_BYTES", 0)
     per_window = imp.predict(*args, **kwargs)
-    assert len(calls_seen) == 1
+    assert len(calls_seen) == 1 + -(-len(targets) // 2)
     assert not np.isnan(whole).any()
     assert np.allclose(whole, per_window, atol=2e-4)
 
@@ -616,7 +622,7 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
     error that writes nothing."""
     out, summary = clean
     assert summary["hmm_certain"] == pytest.approx(imp.AUTO_CERTAIN_FACTOR * 1e-3)  # auto
-    assert summary["hmm_common_maf"] == imp.AUTO_COMMON_MAF  # auto, the checkpoint has none
+    assert summary["hmm_common_maf"] is None  # auto, no cap trained, HMM over every haplotype
     trained = _impute_tiny(
         tiny_ckpt, tiny_sim, tmp_path / "trained.vcf.gz", cache, hmm_certain="train"
     )
@@ -644,13 +650,16 @@ def test_hmm_common_maf_leaves_common_sites_to_the_hmm(
 ) -> None:
     """impute hmm_common_maf=0.05: at imputed sites of panel MAF >= 0.05 the output is the HMM
     skip's (that of a run where the network runs almost nowhere, hmm_certain=0.4999), at rarer
-    ones the network still moves it; the summary says so; a bad value is one line."""
+    ones the network still moves it; the summary says so; auto caps at AUTO_COMMON_MAF only
+    with IBS-selected states; a bad value is one line."""
     from snvbert.data.vcf import load_panel
 
     capped = _impute_tiny(
         tiny_ckpt, tiny_sim, tmp_path / "capped.vcf.gz", cache, hmm_common_maf=0.05
     )
     assert capped["hmm_common_maf"] == 0.05
+    ibs = _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "ibs.vcf.gz", cache, hmm_states="ibs")
+    assert ibs["hmm_common_maf"] == imp.AUTO_COMMON_MAF  # auto with IBS-selected states
     assert (
         _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "off.vcf.gz", cache, hmm_common_maf="off")[
             "hmm_common_maf"
