@@ -458,16 +458,21 @@ def fit_hmm_err(
 # --- the whole job ----------------------------------------------------------------------------
 
 
+def _number(value: Any) -> float:
+    """A setting's value as a float; NaN (outside every range) when it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _resolve_hmm_err(value: str | float | None) -> str | float | None:
     """impute's hmm_err: 'auto', 'train' (None: the checkpoint's value) or a rate in (0, 0.5)."""
     if value == "auto":
         return "auto"
     if value in ("train", None):
         return None
-    try:
-        rate = float(value)
-    except (TypeError, ValueError):
-        rate = float("nan")
+    rate = _number(value)
     if not 0.0 < rate < 0.5:
         raise SnvbertError(f"hmm_err={value} must be auto, train or a rate between 0 and 0.5")
     return rate
@@ -514,10 +519,7 @@ def _resolve_hmm_common_maf(value: Any, trained: float | None, ibs: bool) -> flo
         return trained
     if value in ("off", False):
         return None
-    try:
-        maf = float(value)
-    except (TypeError, ValueError):
-        maf = float("nan")
+    maf = _number(value)
     if not 0.0 < maf <= 0.5:
         raise SnvbertError(f"hmm_common_maf={value} must be auto, train, off or a MAF in (0, 0.5]")
     return maf
@@ -665,10 +667,9 @@ def impute(
     # The targets' own alleles never inform their inputs (as in training, leave them out).
     af_people = np.setdiff1d(ref_persons, query_persons[query_persons >= 0])
     ibs = _resolve_hmm_states(hmm_states, trained_ibs, 2 * len(ref_persons))
+    run_ibs = trained_ibs if ibs == "train" else ibs  # the IBS selection the HMM runs
     model.net.config.hmm_common_maf = _resolve_hmm_common_maf(
-        setting["hmm_common_maf"],
-        model.net.config.hmm_common_maf,
-        (trained_ibs if ibs == "train" else ibs) is not None,
+        setting["hmm_common_maf"], model.net.config.hmm_common_maf, run_ibs is not None
     )
     af = pan.alt_freq(af_people)
     k_used = int(k if k is not None else model.retrieval["k"])
@@ -689,7 +690,7 @@ def impute(
             ref_persons,
             morgans,
             dev,
-            trained_ibs if ibs == "train" else ibs,
+            run_ibs,
         )
         if err is not None:
             log.info("HMM mismatch rate fitted to the targets: %.2g", err)
@@ -730,7 +731,7 @@ def impute(
         "k": k_used,
         "genetic_map": None if gmap is None else str(gmap),
         "hmm_err": err if err is not None else (None if model.hmm is None else model.hmm.err),
-        "hmm_ibs": _plain(trained_ibs if ibs == "train" else ibs),
+        "hmm_ibs": _plain(run_ibs),
         "hmm_certain": float(model.net.config.hmm_certain),
         "hmm_common_maf": model.net.config.hmm_common_maf,
         "sites": {
