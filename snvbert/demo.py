@@ -3,8 +3,10 @@
     python -m snvbert.demo [any training override, e.g. trainer.max_epochs=2]
 
 The training half is ``python -m snvbert.train experiment=demo``; the run folder then also holds
-``imputed.vcf.gz`` (the demo's held-out people imputed from their array sites) and
-``evaluation/`` (r² by minor-allele-frequency bin as a table, JSON and PNG).
+``imputed.vcf.gz`` (the demo's held-out people imputed from their array sites), and with the
+default model shipped with snvbert (:mod:`snvbert.pretrained`, trained on another panel)
+``imputed-shipped.vcf.gz`` (the same array imputed without training first), and
+``evaluation/`` (r² by minor-allele-frequency bin of both, paired, as a table, JSON and PNG).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import hydra
 from omegaconf import DictConfig
 
 from snvbert.evaluate import evaluate, format_table
-from snvbert.impute import impute
+from snvbert.impute import format_summary, impute
+from snvbert.pretrained import DEFAULT_CKPT
 from snvbert.train import train
 from snvbert.utils.cli import user_errors_exit
 
@@ -37,13 +40,23 @@ def main(cfg: DictConfig) -> None:
     imputed = run / "imputed.vcf.gz"
     print(f"\nimputing {sim / 'array.vcf.gz'} with {ckpt}", flush=True)
     impute(ckpt, sim / "panel.vcf.gz", sim / "array.vcf.gz", imputed, cache_dir=cfg.paths.cache_dir)
-    print(f"\nscoring {imputed} against {sim / 'truth.vcf.gz'}", flush=True)
+    files = {"snvbert": imputed}
+    if DEFAULT_CKPT.is_file():  # the other path: impute with the shipped model, no training
+        shipped = run / "imputed-shipped.vcf.gz"
+        print(f"\nimputing {sim / 'array.vcf.gz'} with the shipped default model", flush=True)
+        summary = impute(
+            None, sim / "panel.vcf.gz", sim / "array.vcf.gz", shipped, cache_dir=cfg.paths.cache_dir
+        )
+        print(format_summary(summary), flush=True)
+        files["shipped"] = shipped
+    print(f"\nscoring {', '.join(map(str, files.values()))} against {sim / 'truth.vcf.gz'}")
     result = evaluate(
         sim / "truth.vcf.gz",
         imputed,
         sim / "panel.vcf.gz",
         sim / "array.vcf.gz",
-        labels=["snvbert"],
+        compare=list(files.values())[1:],
+        labels=list(files),
         out_dir=run / "evaluation",
         cache_dir=cfg.paths.cache_dir,
     )

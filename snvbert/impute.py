@@ -8,9 +8,12 @@
 The steps, each of which names what it changed:
 
 1. **Checkpoint.** The model, and the description of the data it was trained on (saved by
-   :class:`~snvbert.data.datamodule.SNVDataModule` in every checkpoint): the panel fingerprint,
-   the window geometry, the retrieval context. A panel with another fingerprint is an error:
-   windows and site indices would silently mean something else.
+   :class:`~snvbert.data.datamodule.SNVDataModule` in every checkpoint): the window geometry,
+   the retrieval context, the HMM's settings. Any phased panel and region can be given: the
+   windows, retrieval context and HMM are rebuilt on it with those settings (the network's
+   inputs, within-window positions, distances, allele frequencies, neighbours' agreement runs
+   and HMM posteriors, are the same kind of numbers on any panel); the summary says how it
+   differs from the training panel, and K shrinks to a panel with fewer haplotypes.
 2. **Site matching** by CHROM:POS:REF:ALT (:mod:`snvbert.data.sites`). A ``chr`` prefix difference is
    harmonised; REF/ALT-swapped sites are flipped (never strand-ambiguous A/T, C/G ones); sites
    whose alleles do not match are dropped; target sites absent from the panel are written
@@ -18,8 +21,9 @@ The steps, each of which names what it changed:
 3. **Queries.** Each target haplotype is observed at its matched, non-missing sites and hidden
    everywhere else: untyped panel sites and missing calls alike are predicted.
 4. **Windows** exactly as in training. The Li–Stephens HMM over the reference runs once per
-   block of target people over the whole chromosome's typed sites (switch rates from the
-   genetic map the model was trained with, or ``genetic_map=``; its mismatch rate fitted to the
+   block of target people over the whole chromosome's typed sites (switch rates from
+   ``genetic_map=``, else on the training panel the map the model was trained with, else a
+   constant 1 cM/Mb; its mismatch rate fitted to the
    targets by EM; :class:`snvbert.hmm.ChromosomeHMM`, compiled for the CPU in
    :mod:`snvbert.hmm.kernel`), and gives P(ALT) at every site. Per window, the reference's
    context is built once per block; per batch of people the neighbours are retrieved and the
@@ -540,7 +544,7 @@ def _resolve_hmm_states(
 
 
 def impute(
-    ckpt: str | Path,
+    ckpt: str | Path | None,
     panel: str | Path,
     target: str | Path,
     out: str | Path,
@@ -563,12 +567,15 @@ def impute(
 ) -> dict[str, Any]:
     """Impute ``target`` against ``panel`` with the model in ``ckpt``; write ``out``.
 
+    ``ckpt`` None: the default model shipped with snvbert (:mod:`snvbert.pretrained`).
+
     Each setting left out (None) takes its value from ``conf/impute.yaml``, as the command
     does: ``batch_size`` target people per batch; ``device`` and ``precision``; ``reference``
     the retrieval panel: ``all`` panel people (the targets are outside people, as for Beagle)
-    or only the ``train`` people of the checkpoint; ``k`` neighbours per query (the YAML's
-    null: as in training); ``genetic_map`` a PLINK map for the HMM's switch rates (null: the
-    map the model was trained with, if any); ``hmm_err`` the HMM's mismatch rate: ``auto`` fits
+    or only the ``train`` people of the checkpoint (its training panel only); ``k`` neighbours
+    per query (the YAML's null: as in training; shrunk to the haplotypes a query may copy);
+    ``genetic_map`` a PLINK map for the HMM's switch rates (null: on the training panel the map
+    the model was trained with, if any; on another panel a constant 1 cM/Mb); ``hmm_err`` the HMM's mismatch rate: ``auto`` fits
     it to the targets (:func:`fit_hmm_err`), ``train`` keeps the training value, a number sets
     it; ``hmm_states`` the panel-state HMM's states (:func:`_resolve_hmm_states`);
     ``hmm_certain`` where the network runs (hidden sites whose HMM P(ALT) is more than this
@@ -623,6 +630,11 @@ def impute(
         raise SnvbertError(f"hmm_states={hmm_states} must be auto, ibs, panel or train")
     dev = _resolve_device(str(device))
     autocast = _autocast_dtype(str(precision), dev)
+    shipped = ckpt is None
+    if shipped:
+        from snvbert.pretrained import default_checkpoint
+
+        ckpt = default_checkpoint()
     model = load_trained(ckpt, dev)
     certain = _resolve_hmm_certain(setting["hmm_certain"], model.net.config.hmm_certain)
     if certain is not None:
@@ -638,13 +650,10 @@ def impute(
     trained_ibs = None if model.hmm is None else model.hmm.ibs
 
     pan = load_panel(panel_path, cache_dir=cache_dir, progress=progress)
-    if pan.fingerprint != describe["panel_fingerprint"]:
-        raise SnvbertError(
-            f"is not the panel this model was trained on (its fingerprint is "
-            f"{pan.fingerprint[:16]}, the checkpoint's {ckpt} expects "
-            f"{describe['panel_fingerprint'][:16]}); pass the training panel",
-            path=panel_path,
-        )
+    # Any panel: windows, retrieval context and HMM are rebuilt on this one with the
+    # checkpoint's settings; what was trained stays fixed (the inputs are the same kind of
+    # numbers on any panel). What differs from the training panel is reported, not refused.
+    same_panel = pan.fingerprint == describe["panel_fingerprint"]
     tgt, match, calls = prepare_target(pan, target_path, panel_path)
     n_matched = len(match.panel_index)
     counts = dict(match.counts)
@@ -654,6 +663,12 @@ def impute(
     name_to_index = {s: i for i, s in enumerate(pan.samples)}
     if reference == "all":
         ref_persons = np.arange(pan.n_samples, dtype=np.int64)
+    elif not same_panel:
+        raise SnvbertError(
+            "reference=train names the checkpoint's training people, and this is not its "
+            "training panel; use reference=all",
+            path=panel_path,
+        )
     else:
         ref_persons = np.array(
             sorted(name_to_index[s] for s in describe["train_samples"] if s in name_to_index),
@@ -672,8 +687,16 @@ def impute(
         setting["hmm_common_maf"], model.net.config.hmm_common_maf, run_ibs is not None
     )
     af = pan.alt_freq(af_people)
-    k_used = int(k if k is not None else model.retrieval["k"])
-    gmap = genetic_map if genetic_map is not None else describe.get("genetic_map")
+    k_asked = int(k if k is not None else model.retrieval["k"])
+    if k_asked < 1:
+        raise SnvbertError(f"retrieval.k={k_asked} must be at least 1")
+    # A query may copy every reference haplotype but its own person's two: K shrinks to fit.
+    own = 2 if counts["targets_in_panel"] else 0
+    k_used = max(1, min(k_asked, 2 * len(ref_persons) - own))
+    # The training map belongs to the training panel's region; another panel takes its own
+    # (genetic_map=) or the constant map.
+    trained_map = describe.get("genetic_map") if same_panel else None
+    gmap = genetic_map if genetic_map is not None else trained_map
     if gmap is not None and not Path(gmap).exists():
         raise SnvbertError(
             "genetic map not found (the model was trained with it); pass genetic_map=PATH",
@@ -726,9 +749,13 @@ def impute(
     seconds = time.perf_counter() - started
     summary = {
         "out": str(out),
+        "ckpt": str(ckpt),
+        "shipped_model": shipped,
         "targets": tgt.n_samples,
         "reference_people": int(len(ref_persons)),
         "k": k_used,
+        "k_trained": int(model.retrieval["k"]),
+        "panel": _panel_report(pan, describe, same_panel, n_matched),
         "genetic_map": None if gmap is None else str(gmap),
         "hmm_err": err if err is not None else (None if model.hmm is None else model.hmm.err),
         "hmm_ibs": _plain(run_ibs),
@@ -745,6 +772,25 @@ def impute(
         "seconds": round(seconds, 2),
     }
     return summary
+
+
+def _panel_report(pan: Panel, describe: dict[str, Any], same: bool, n_typed: int) -> dict[str, Any]:
+    """This panel against the checkpoint's training panel: what differs (the summary says it)."""
+    span_mb = max(float(pan.pos[-1] - pan.pos[0]), 1.0) / 1e6 if pan.n_sites else 1.0
+    array = [lv for lv in describe.get("levels", []) if lv.get("strategy") == "array"]
+    return {
+        "training_panel": bool(same),
+        "haplotypes": int(pan.n_haps),
+        "sites": int(pan.n_sites),
+        "chrom": pan.chrom,
+        "typed_per_mb": n_typed / span_mb,
+        "trained": {
+            "sites": describe.get("panel_sites"),
+            "chrom": describe.get("chrom"),
+            "train_people": len(describe.get("train_samples", [])),
+            "array_spacing_bp": array[-1].get("spacing_bp") if array else None,
+        },
+    }
 
 
 def _plain(ibs: IBSConfig | None) -> dict[str, Any] | None:
@@ -783,7 +829,34 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"note       {a['targets_in_panel']} target people are also panel people; "
             "they never retrieve their own haplotypes"
         )
-    lines.append(f"reference  {summary['reference_people']:,} panel people, k={summary['k']}")
+    panel = summary.get("panel")
+    if panel is not None:
+        which = "the default model shipped with snvbert, " if summary.get("shipped_model") else ""
+        if panel["training_panel"]:
+            lines.append(f"model      {which}trained on this panel")
+        else:
+            t = panel["trained"]
+            spacing = t["array_spacing_bp"]
+            trained_array = f", arrays of one site per {spacing / 1000:g} kb" if spacing else ""
+            lines.append(
+                f"model      {which}trained on another panel (chr{t['chrom']}, "
+                f"{t['sites']:,} sites, "
+                f"{t['train_people']:,} training people{trained_array}); windows, retrieval "
+                f"and HMM rebuilt on this one (chr{panel['chrom']}, {panel['sites']:,} sites, "
+                f"{panel['haplotypes']:,} haplotypes, {panel['typed_per_mb']:.0f} typed sites "
+                "per Mb)"
+            )
+            if summary.get("genetic_map") is None:
+                lines.append(
+                    "map        none given for this panel: switch rates from a constant "
+                    "1 cM/Mb (pass genetic_map=PATH, a PLINK map)"
+                )
+    shrunk = summary["k"] < summary.get("k_trained", summary["k"])
+    k_note = f" (trained with {summary['k_trained']}; shrunk to the haplotypes it may copy)"
+    lines.append(
+        f"reference  {summary['reference_people']:,} panel people, k={summary['k']}"
+        + (k_note if shrunk else "")
+    )
     if summary.get("hmm_err") is not None:
         ibs = summary.get("hmm_ibs")
         states = (
@@ -809,14 +882,14 @@ def format_summary(summary: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://snvbert.conf", config_name="impute")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
-    for key in ("ckpt", "panel", "target", "out"):
+    for key in ("panel", "target", "out"):
         if not cfg.get(key):
             raise SnvbertError(
-                f"set {key}=PATH (python -m snvbert.impute ckpt=... panel=... "
-                "target=... out=imputed.vcf.gz)"
+                f"set {key}=PATH (python -m snvbert.impute panel=... target=... "
+                "out=imputed.vcf.gz, and ckpt=... for a model of your own)"
             )
     summary = impute(
-        cfg.ckpt,
+        cfg.ckpt or None,
         cfg.panel,
         cfg.target,
         cfg.out,

@@ -251,24 +251,82 @@ def test_unphased_target_is_a_one_line_error(
     assert "unphased" in message and "beagle gt=" in message and "impute=false" in message
 
 
-def test_wrong_panel_names_both_fingerprints(
-    tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path: Path
+@pytest.fixture(scope="session")
+def other_sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another simulation than the checkpoint's: another seed (another panel, map and array),
+    12 panel people (24 haplotypes, fewer than the tiny run's K of 32), arrays of one site per
+    15 kb. Read-only."""
+    from snvbert.simulate import simulate
+
+    out = tmp_path_factory.mktemp("other_sim")
+    simulate(out, seed=11, size="tiny", panel=12, array={"spacing_bp": 15_000})
+    return out
+
+
+def test_a_checkpoint_imputes_another_panel_and_says_how_it_differs(
+    tiny_ckpt: Path, tiny_sim: Path, other_sim: Path, cache: Path, tmp_path: Path
 ) -> None:
-    other = _rewrite(
-        tiny_sim / "panel.vcf.gz",
-        tmp_path / "other.vcf.gz",
-        lambda line: line.replace("##fileformat=VCFv4.2", "##fileformat=VCFv4.2\n##edited"),
+    from snvbert.evaluate import evaluate
+    from snvbert.hmm.imputer import impute_hmm
+
+    args = (other_sim / "panel.vcf.gz", other_sim / "array.vcf.gz")
+    out = tmp_path / "other.vcf.gz"
+    summary = impute(
+        tiny_ckpt,
+        *args,
+        out,
+        cache_dir=cache,
+        progress=False,
+        genetic_map=other_sim / "map.plink",
     )
-    with pytest.raises(SnvbertError, match="fingerprint") as err:
+    panel = summary["panel"]
+    assert not panel["training_panel"] and panel["haplotypes"] == 24
+    assert panel["trained"]["train_people"] > 0 and panel["trained"]["array_spacing_bp"]
+    assert summary["k"] == 24 and summary["k_trained"] == 32  # K shrank to the panel
+    assert summary["genetic_map"] == str(other_sim / "map.plink")
+    text = imp.format_summary(summary)
+    assert "trained on another panel" in text and "shrunk" in text and "1 cM/Mb" not in text
+    # Windows, retrieval and HMM rebuilt on this panel: the answer is the HMM's level, not the
+    # collapse a model reading the training panel's windows would give.
+    hmm = tmp_path / "hmm.vcf.gz"
+    impute_hmm(*args, hmm, genetic_map=other_sim / "map.plink", cache_dir=cache, progress=False)
+    scores = evaluate(
+        other_sim / "truth.vcf.gz",
+        out,
+        other_sim / "panel.vcf.gz",
+        other_sim / "array.vcf.gz",
+        compare=[hmm],
+        labels=["snvbert", "hmm"],
+        bootstrap=0,
+        cache_dir=cache,
+    )["inputs"]
+    assert scores["hmm"]["r2"] > 0.3
+    assert scores["snvbert"]["r2"] >= scores["hmm"]["r2"] - 0.03
+
+    # Without a map the training map (another region's) is not used: the constant one is.
+    plain = impute(tiny_ckpt, *args, tmp_path / "plain.vcf.gz", cache_dir=cache, progress=False)
+    assert plain["genetic_map"] is None and "1 cM/Mb" in imp.format_summary(plain)
+    # On its own panel the checkpoint says so, and keeps K and its map.
+    own = _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "own.vcf.gz", cache)
+    assert own["panel"]["training_panel"] and own["k"] == 32
+    assert "trained on this panel" in imp.format_summary(own)
+
+
+def test_reference_train_on_another_panel_is_a_one_line_error(
+    tiny_ckpt: Path, other_sim: Path, cache: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(SnvbertError, match="reference=all") as err:
         impute(
             tiny_ckpt,
-            other,
-            tiny_sim / "array.vcf.gz",
+            other_sim / "panel.vcf.gz",
+            other_sim / "array.vcf.gz",
             tmp_path / "out.vcf.gz",
+            reference="train",
             cache_dir=cache,
             progress=False,
         )
-    assert str(other) in str(err.value)
+    assert str(other_sim / "panel.vcf.gz") in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out.vcf.gz").exists()
 
 
 def test_target_on_another_build_is_an_error_naming_both_files(
@@ -709,3 +767,98 @@ def test_the_gpu_path_gives_the_cpu_path_s_predictions(
     assert dense  # the dense (B, N, U) posteriors the GPU path uses
     assert not np.isnan(gpu).any()
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
+def test_a_stripped_checkpoint_imputes_exactly_as_the_training_one(
+    tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from snvbert.pretrained import strip_checkpoint
+
+    raw = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)
+    slim = tmp_path / "slim.ckpt"
+    torch.save(strip_checkpoint(raw, {"recipe": "test"}), slim)
+    assert slim.stat().st_size < tiny_ckpt.stat().st_size / 2  # no optimizer, no loops
+    torch.load(slim, weights_only=True)  # plain values only: loading runs no code
+    # The slim one forgets the training map's path (no other panel can use it): given the same
+    # map, both impute alike.
+    gmap = {"genetic_map": tiny_sim / "map.plink"}
+    got = _records(_impute_tiny(slim, tiny_sim, tmp_path / "slim.vcf.gz", cache, **gmap)["out"])
+    want = _records(
+        _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "full.vcf.gz", cache, **gmap)["out"]
+    )
+    assert got.keys() == want.keys()
+    for key, rec in want.items():
+        np.testing.assert_array_equal(got[key]["ds"], rec["ds"])
+    with pytest.raises(SnvbertError, match="snvbert.train"):
+        strip_checkpoint({"state_dict": {}}, {})
+
+
+def test_impute_without_ckpt_uses_the_shipped_model_and_says_so(
+    tiny_sim: Path, cache: Path, tmp_path: Path
+) -> None:
+    """The shipped model (make pretrained; never retrained here) on a panel it never saw: one
+    small file with its recipe beside it, at the HMM's level or above on this array."""
+    import json
+
+    from snvbert.evaluate import evaluate
+    from snvbert.hmm.imputer import impute_hmm
+    from snvbert.pretrained import DEFAULT_CKPT, DEFAULT_RECIPE
+
+    assert DEFAULT_CKPT.stat().st_size <= 10 * 1024**2
+    recipe = json.loads(DEFAULT_RECIPE.read_text())
+    assert recipe["training_data"]["simulation"]["demography"] == "OutOfAfrica_3G09"
+    assert recipe["command"].startswith("make pretrained") and recipe["training"]["steps"] > 0
+    out = tmp_path / "shipped.vcf.gz"
+    summary = impute(
+        None,
+        tiny_sim / "panel.vcf.gz",
+        tiny_sim / "array.vcf.gz",
+        out,
+        cache_dir=cache,
+        progress=False,
+        genetic_map=tiny_sim / "map.plink",
+    )
+    assert summary["shipped_model"] and summary["ckpt"] == str(DEFAULT_CKPT)
+    assert not summary["panel"]["training_panel"]
+    text = imp.format_summary(summary)
+    assert "the default model shipped with snvbert, trained on another panel" in text
+    hmm = tmp_path / "hmm.vcf.gz"
+    impute_hmm(
+        tiny_sim / "panel.vcf.gz",
+        tiny_sim / "array.vcf.gz",
+        hmm,
+        genetic_map=tiny_sim / "map.plink",
+        cache_dir=cache,
+        progress=False,
+    )
+    scores = evaluate(
+        tiny_sim / "truth.vcf.gz",
+        out,
+        tiny_sim / "panel.vcf.gz",
+        tiny_sim / "array.vcf.gz",
+        compare=[hmm],
+        labels=["shipped", "hmm"],
+        bootstrap=0,
+        cache_dir=cache,
+    )["inputs"]
+    assert scores["shipped"]["r2"] >= scores["hmm"]["r2"] - 0.01
+
+
+def test_no_shipped_model_is_a_one_line_error(
+    tiny_sim: Path, cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import snvbert.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "DEFAULT_CKPT", tmp_path / "absent.ckpt")
+    with pytest.raises(SnvbertError, match="make pretrained"):
+        impute(
+            None,
+            tiny_sim / "panel.vcf.gz",
+            tiny_sim / "array.vcf.gz",
+            tmp_path / "out.vcf.gz",
+            cache_dir=cache,
+            progress=False,
+        )
+    assert not (tmp_path / "out.vcf.gz").exists()

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "snvbert.data.vcf": 1,
     "snvbert.data.sites": 1,
     "snvbert.simulate": 1,  # writes the VCFs everything else reads
+    "snvbert.pretrained": 1,  # where the shipped default model lies (impute reads it)
     "snvbert.prepare": 1,
     "snvbert.data.windows": 2,
     "snvbert.data.masks": 2,
@@ -46,6 +47,7 @@ LAYERS: dict[str, int] = {
     "snvbert.diagnose": 7,
     "snvbert.demo": 7,
     "snvbert.bench": 8,
+    "snvbert.pretrained.make": 8,  # trains the shipped model (make pretrained)
 }
 
 

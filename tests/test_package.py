@@ -156,9 +156,27 @@ def test_wheel_installs_working_commands(fresh, tmp_path: Path):
     assert "__init__.py" in packaged
     assert {n for n in packaged if n.endswith(".yaml")} == _conf_yaml(src / "conf")
 
+    assert {"snvbert/pretrained/default.ckpt", "snvbert/pretrained/default.json"} <= set(names)
+
     sim = _run([python, "-m", "snvbert.simulate", "out=sim", "seed=1", "size=tiny"], tmp_path)
     assert "wrote" in sim
     assert all((tmp_path / "sim" / f).is_file() for f in SIM_FILES)
+    # A new user's first imputation: no training, no ckpt=, the model inside the wheel.
+    imputed = _run(
+        [
+            python,
+            "-m",
+            "snvbert.impute",
+            "panel=sim/panel.vcf.gz",
+            "target=sim/array.vcf.gz",
+            "genetic_map=sim/map.plink",
+            "out=imputed.vcf.gz",
+            "progress=false",
+        ],
+        tmp_path,
+    )
+    assert "the default model shipped with snvbert" in imputed
+    assert (tmp_path / "imputed.vcf.gz.tbi").is_file()
     job = _run([python, "-m", "snvbert.train", "--cfg", "job", "model=tiny"], tmp_path)
     cfg = OmegaConf.create(job)
     assert cfg.task_name == "train" and cfg.model.d_model > 0

@@ -1,0 +1,147 @@
+"""``python -m snvbert.pretrained.make`` (``make pretrained``): train the shipped default model.
+
+::
+
+    python -m snvbert.pretrained.make                  # rewrites snvbert/pretrained/default.*
+    python -m snvbert.pretrained.make --out /tmp/mine  # elsewhere (the shipped files untouched)
+
+From nothing: simulates the training panel (:data:`RECIPE`: the ``OutOfAfrica_3G09``
+demography only; every other stdpopsim HomSap model is kept for measuring it,
+``python -m snvbert.bench.transfer --source snvbert/pretrained/default.ckpt``), trains on it
+with a fixed number of steps (so the same command gives the same model on the same machine),
+keeps the best validation checkpoint cut to what imputation reads
+(:func:`snvbert.pretrained.strip_checkpoint`) as ``default.ckpt``, and writes ``default.json``
+beside it: the recipe, the training data's description (each simulation's manifest), the
+validation metrics and the time it took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from snvbert.errors import SnvbertError
+from snvbert.pretrained import DEFAULT_CKPT, HERE, strip_checkpoint
+from snvbert.utils.io import atomic_path
+
+log = logging.getLogger("snvbert.pretrained")
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# The recipe. The panel: the 5 Mb scenario of the accuracy benchmark (1,000 people, 2,000
+# haplotypes), seed 1, the default demography. Training: experiment=accuracy (model=compact,
+# K=128, the HMM skip; a random-mask epoch, then the array task with its chip redrawn every
+# epoch) for a fixed number of epochs of 100 batches.
+RECIPE: dict[str, Any] = {
+    "simulation": {"size": "5mb", "seed": 1, "demography": "OutOfAfrica_3G09"},
+    "overrides": ["experiment=accuracy", "trainer.max_epochs=8", "seed=1"],
+}
+
+
+def _train(panel: Path, work: Path, overrides: list[str]) -> tuple[Path, dict[str, Any]]:
+    """Train on ``panel`` under ``work``; the best checkpoint and what the run reached."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from snvbert.train import train
+
+    run_dir = work / "train"
+    args = [
+        f"data.panel={panel}",
+        f"paths.root_dir={Path.cwd()}",
+        f"paths.log_dir={work}",
+        f"paths.output_dir={run_dir}",
+        f"paths.cache_dir={work / 'cache'}",
+        "test=false",
+        *overrides,
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=args)
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    started = time.perf_counter()
+    metrics, objects = train(cfg)
+    trainer = objects["trainer"]
+    callback = trainer.checkpoint_callback
+    best = Path(callback.best_model_path) if callback and callback.best_model_path else None
+    ckpt = best if best and best.exists() else run_dir / "checkpoints" / "last.ckpt"
+    reached = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "steps": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "best_checkpoint": ckpt.name,
+        "best_score": None
+        if callback is None or callback.best_model_score is None
+        else float(callback.best_model_score),
+        "monitor": None if callback is None else callback.monitor,
+        "final_metrics": {k: float(v) for k, v in metrics.items()},
+    }
+    return ckpt, reached
+
+
+def make(out_dir: str | Path = HERE, work: str | Path = "outputs/pretrained") -> Path:
+    """Train the default model into ``out_dir`` (default.ckpt and default.json); its path."""
+    from snvbert.simulate import simulate
+
+    out, work = Path(out_dir), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    sim = dict(RECIPE["simulation"])
+    sim_dir = work / "sim" / f"{sim['size']}-seed{sim['seed']}-{sim['demography']}"
+    manifest = simulate(sim_dir, sim["seed"], sim["size"], demography=sim["demography"])
+    ckpt, reached = _train(sim_dir / "panel.vcf.gz", work, list(RECIPE["overrides"]))
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    recipe = {
+        "command": "make pretrained (python -m snvbert.pretrained.make)",
+        "recipe": RECIPE,
+        "training_data": {"simulation": sim, "manifest": manifest},
+        "training": reached,
+        "built": {
+            "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "wall_seconds": round(time.perf_counter() - started, 1),
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / DEFAULT_CKPT.name
+    with atomic_path(target) as tmp:
+        torch.save(strip_checkpoint(raw, recipe), tmp)
+    with atomic_path(target.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+    size_mb = target.stat().st_size / 1e6
+    print(f"wrote {target} ({size_mb:.2f} MB) and {target.with_suffix('.json')}", flush=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m snvbert.pretrained.make", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--out", default=str(HERE), help="where default.ckpt and .json go")
+    parser.add_argument(
+        "--work", default="outputs/pretrained", help="simulations, cache and the training run"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        make(args.out, args.work)
+    except SnvbertError as err:
+        print(f"snvbert: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
