@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(FAISS)
 APT_TOOLS := bcftools tabix
 PYTEST_ARGS ?=
 
-.PHONY: help install tools baselines demo test test-slow bench bench-accuracy lint clean
+.PHONY: help install tools baselines demo test test-slow bench bench-accuracy bench-transfer pretrained lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}'
@@ -58,6 +58,12 @@ bench: install baselines ## Benchmarks: impute wall time and RSS vs Beagle and M
 bench-accuracy: install baselines ## Long run: snvbert vs Beagle 5.4 vs Minimac4 on two simulated 5 Mb panels
 	$(PY) -m snvbert.bench.accuracy --train-minutes 30 --bootstrap 100  # tuned on: seed 1, OutOfAfrica_3G09
 	$(PY) -m snvbert.bench.accuracy --train-minutes 30 --bootstrap 100 --seed 2 --demography OutOfAfrica_2T12 --out outputs/bench/accuracy-confirm  # never tuned on
+
+bench-transfer: install baselines ## Long run: the shipped model on scenarios it never saw (demography, panel size, array density) vs models trained there, Beagle, the HMM
+	$(PY) -m snvbert.bench.transfer --source snvbert/pretrained/default.ckpt --bootstrap 100
+
+pretrained: install ## Train the shipped default model from nothing (snvbert/pretrained/default.ckpt and its recipe, default.json)
+	$(PY) -m snvbert.pretrained.make
 
 .PHONY: wheel
 wheel: ## Build outputs/dist/snvbert-*.whl, configs inside (install torch first, then the wheel)

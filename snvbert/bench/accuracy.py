@@ -163,23 +163,36 @@ def run(
     bootstrap: int = 200,
     hmm: bool = True,
     train_overrides: list[str] | None = None,
+    panel_people: int | None = None,
+    spacing_bp: int | None = None,
+    transfer: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The whole benchmark; returns (and writes as ``accuracy.json``) tables and timings."""
+    """The whole benchmark; returns (and writes as ``accuracy.json``) tables and timings.
+
+    ``panel_people`` and ``spacing_bp`` (the arrays' one typed site per that many bp) override
+    the size preset's; ``transfer`` a checkpoint trained elsewhere (another scenario), imputing
+    both cases beside the model trained here: its paired differences come first.
+    """
     from snvbert.evaluate import evaluate, format_table, public
     from snvbert.simulate import simulate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = {} if demography is None else {"demography": demography}
+    model: dict[str, Any] = {} if demography is None else {"demography": demography}
+    if panel_people is not None:
+        model["panel"] = int(panel_people)
+    spacing = {} if spacing_bp is None else {"spacing_bp": int(spacing_bp)}
     tag = f"{size}-seed{seed}" + ("" if demography is None else f"-{demography}")
+    tag += "" if panel_people is None else f"-panel{panel_people}"
+    tag += "" if spacing_bp is None else f"-{spacing_bp // 1000}kb"
     sims = {
         "clean": out / "sim" / f"{tag}-clean",
         "realistic": out / "sim" / f"{tag}-realistic",
     }
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    simulate(sims["clean"], seed, size, **model)
-    simulate(sims["realistic"], seed, size, array=REALISTIC_ARRAY, **model)
+    simulate(sims["clean"], seed, size, array=spacing or None, **model)
+    simulate(sims["realistic"], seed, size, array={**REALISTIC_ARRAY, **spacing}, **model)
     times["simulate"] = time.perf_counter() - t0
     panel = sims["clean"] / "panel.vcf.gz"
     cache = out / "cache"
@@ -206,7 +219,10 @@ def run(
         "seed": seed,
         "size": size,
         "demography": demography or "default",
+        "panel_people": panel_people,
+        "spacing_bp": spacing_bp,
         "checkpoint": str(ckpt),
+        "transfer": None if transfer is None else str(transfer),
         "cases": {},
     }
     # Queries first (the realistic array phased by Beagle), then snvbert imputes both cases at
@@ -237,35 +253,38 @@ def run(
         )
         subprocess.run(["tabix", "-f", "-p", "vcf", str(work / "phased.vcf.gz")], check=True)
         queries[case] = work / "phased.vcf.gz"
+    models = {"snvbert": ckpt} if transfer is None else {"transfer": transfer, "snvbert": ckpt}
     jobs = {
-        case: {
-            "ckpt": str(ckpt),
+        (case, name): {
+            "ckpt": str(path),
             "panel": str(panel),
             "target": str(query),
-            "out": str(out / case / "snvbert.vcf.gz"),
+            "out": str(out / case / f"{name}.vcf.gz"),
             "cache_dir": str(cache),
             "genetic_map": str(sims[case] / "map.plink"),
         }
+        for name, path in models.items()
         for case, query in queries.items()
     }
-    per_job = max(1, threads // max(len(jobs), 1))
+    workers = max(1, min(len(jobs), threads))
+    per_job = max(1, threads // workers)
     started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=len(jobs) or 1, mp_context=get_context("spawn")) as pool:
-        futures = {case: pool.submit(_impute_job, job, per_job) for case, job in jobs.items()}
-        summaries = {case: future.result() for case, future in futures.items()}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = {key: pool.submit(_impute_job, job, per_job) for key, job in jobs.items()}
+        summaries = {key: future.result() for key, future in futures.items()}
     times["snvbert_impute_all_cases"] = time.perf_counter() - started
-    for case, summary in summaries.items():
-        case_times[case]["snvbert_impute"] = summary["seconds"]
+    for (case, name), summary in summaries.items():
+        case_times[case][f"{name}_impute"] = summary["seconds"]
         print(
-            f"[{case}] snvbert: {summary['sites']['imputed']:,} sites imputed in "
-            f"{summary['seconds']:.1f} s ({per_job} thread(s), cases in parallel)",
+            f"[{case}] {name}: {summary['sites']['imputed']:,} sites imputed in "
+            f"{summary['seconds']:.1f} s ({per_job} thread(s), {workers} jobs in parallel)",
             flush=True,
         )
 
     for case, query in queries.items():
         sim, work = sims[case], out / case
         array = sim / "array.vcf.gz"
-        files: dict[str, Path] = {"snvbert": work / "snvbert.vcf.gz"}
+        files: dict[str, Path] = {name: work / f"{name}.vcf.gz" for name in models}
         if beagle:
             # Beagle gets the raw array: in the realistic case it phases and imputes in one run.
             case_times[case]["beagle"] = _run(
@@ -351,6 +370,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--size", default="5mb", help="simulation size preset: tiny, demo, 5mb, 20mb"
     )
+    parser.add_argument(
+        "--panel-people", type=int, default=None, help="panel people (default: the preset's)"
+    )
+    parser.add_argument(
+        "--spacing-bp",
+        type=int,
+        default=None,
+        help="arrays of one typed site per this many bp (default: the simulator's 10,000)",
+    )
+    parser.add_argument(
+        "--transfer",
+        metavar="CKPT",
+        default=None,
+        help="also impute with this checkpoint trained elsewhere (scored against the one here)",
+    )
     parser.add_argument("--train-minutes", type=float, default=60.0, help="training time budget")
     parser.add_argument(
         "--skip-train", metavar="CKPT", help="use this checkpoint instead of training"
@@ -378,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             bootstrap=args.bootstrap,
             hmm=not args.no_hmm,
             train_overrides=args.overrides,
+            panel_people=args.panel_people,
+            spacing_bp=args.spacing_bp,
+            transfer=args.transfer,
         )
     except SnvbertError as err:
         print(f"snvbert: error: {err}", file=sys.stderr)
