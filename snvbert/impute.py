@@ -575,9 +575,9 @@ def impute(
     or only the ``train`` people of the checkpoint (its training panel only); ``k`` neighbours
     per query (the YAML's null: as in training; shrunk to the haplotypes a query may copy);
     ``genetic_map`` a PLINK map for the HMM's switch rates (null: on the training panel the map
-    the model was trained with, if any; on another panel a constant 1 cM/Mb); ``hmm_err`` the HMM's mismatch rate: ``auto`` fits
-    it to the targets (:func:`fit_hmm_err`), ``train`` keeps the training value, a number sets
-    it; ``hmm_states`` the panel-state HMM's states (:func:`_resolve_hmm_states`);
+    the model was trained with, if any; on another panel a constant 1 cM/Mb); ``hmm_err`` the
+    HMM's mismatch rate: ``auto`` fits it to the targets (:func:`fit_hmm_err`), ``train`` keeps
+    the training value, a number sets it; ``hmm_states`` the panel-state HMM's states (:func:`_resolve_hmm_states`);
     ``hmm_certain`` where the network runs (hidden sites whose HMM P(ALT) is more than this
     from 0 and 1; ``auto``: :data:`AUTO_CERTAIN_FACTOR` times the checkpoint's
     ``model.hmm_certain``; ``train``: the checkpoint's); ``hmm_common_maf`` the panel MAF
@@ -698,9 +698,9 @@ def impute(
     trained_map = describe.get("genetic_map") if same_panel else None
     gmap = genetic_map if genetic_map is not None else trained_map
     if gmap is not None and not Path(gmap).exists():
+        why = "" if genetic_map is not None else " (the model was trained with it)"
         raise SnvbertError(
-            "genetic map not found (the model was trained with it); pass genetic_map=PATH",
-            path=gmap,
+            f"genetic map not found{why}; pass genetic_map=PATH to a PLINK map", path=gmap
         )
     morgans = genetic_positions(pan.pos, gmap)
     if err == "auto":
