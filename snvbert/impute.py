@@ -789,6 +789,7 @@ def _panel_report(pan: Panel, describe: dict[str, Any], same: bool, n_typed: int
             "chrom": describe.get("chrom"),
             "train_people": len(describe.get("train_samples", [])),
             "array_spacing_bp": array[-1].get("spacing_bp") if array else None,
+            "array_spacing_bp_max": array[-1].get("spacing_bp_max") if array else None,
         },
     }
 
@@ -836,8 +837,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"model      {which}trained on this panel")
         else:
             t = panel["trained"]
-            spacing = t["array_spacing_bp"]
-            trained_array = f", arrays of one site per {spacing / 1000:g} kb" if spacing else ""
+            spacing, most = t["array_spacing_bp"], t.get("array_spacing_bp_max")
+            kb = f"{spacing / 1000:g}" + (f"-{most / 1000:g}" if most else "")
+            trained_array = f", arrays of one site per {kb} kb" if spacing else ""
             lines.append(
                 f"model      {which}trained on another panel (chr{t['chrom']}, "
                 f"{t['sites']:,} sites, "

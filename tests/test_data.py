@@ -118,6 +118,27 @@ def test_array_chip_is_shared_sparse_and_common(tiny_sim, cache_dir):
     assert (batch["mask"] == batch["mask"][0]).all()
 
 
+def test_array_density_varies_by_epoch_within_spacing_bp_max(tiny_sim, cache_dir):
+    levels = [{"strategy": "array", "spacing_bp": 3000, "spacing_bp_max": 30000}]
+    dm = make_dm(tiny_sim, cache_dir, curriculum={"levels": levels})
+    level = dm.curriculum.levels[0]
+    spacings = [level.spacing(seed=dm.seed, stream=0, epoch=e) for e in range(12)]
+    assert all(3000 <= s <= 30000 for s in spacings) and len(set(spacings)) > 6
+    assert spacings == [level.spacing(seed=dm.seed, stream=0, epoch=e) for e in range(12)]
+    span = dm.panel.pos[-1] - dm.panel.pos[0]
+    for epoch in (0, int(np.argmax(spacings)), int(np.argmin(spacings))):
+        typed = dm.dataset.chip(0, epoch, level).sum()
+        assert typed <= span / spacings[epoch] + 2  # at most one site per bin of the drawn spacing
+    dense, sparse = (
+        dm.dataset.chip(0, int(f(spacings)), level).sum() for f in (np.argmin, np.argmax)
+    )
+    assert dense > 2 * sparse
+    fixed = M.MaskLevel("array", spacing_bp=3000)
+    assert {fixed.spacing(seed=1, stream=0, epoch=e) for e in range(5)} == {3000}
+    with pytest.raises(M.SnvbertError, match="spacing_bp_max"):
+        M.MaskLevel("array", spacing_bp=3000, spacing_bp_max=2000)
+
+
 def test_masks_do_not_look_at_alleles():
     level = M.MaskLevel("maf", rate=0.2)
     maf = np.linspace(0.001, 0.5, 500)
@@ -678,3 +699,74 @@ def test_compiled_agreement_runs_equal_the_cumulative_maximum_definition() -> No
     args[3] = rows.flip(0)
     with pytest.raises(ValueError, match="increasing"):
         packed_runs(*(t.numpy() for t in args))
+
+
+# -- several training panels --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def second_sim(tmp_path_factory):
+    """Another tiny panel (another seed, 20 people): the second of a two-panel data module."""
+    from snvbert.simulate import simulate
+
+    out = tmp_path_factory.mktemp("second_sim")
+    simulate(out, seed=12, size="tiny", panel=20)
+    return out
+
+
+def test_two_panels_give_batches_of_each_with_its_own_people_masks_and_hmm(
+    tiny_sim, second_sim, cache_dir
+):
+    panels = [str(tiny_sim / "panel.vcf.gz"), str(second_sim / "panel.vcf.gz")]
+    hmm = {**HMM, "scope": "chromosome", "err": "auto"}
+    dm = make_dm(tiny_sim, cache_dir, panel=panels, hmm=hmm)
+    alone = make_dm(tiny_sim, cache_dir, hmm=hmm)  # panel 0 by itself
+    assert [p.panel.n_haps for p in dm.parts] == [120, 40]
+    # each panel's HMM is resolved for its own size (Li and Stephens' rate for 120 and 40 haps)
+    assert dm.parts[0].hmm.err != dm.parts[1].hmm.err
+    assert dm.batch_hmm(False, 0, 1) == dm.parts[1].hmm.for_step(dm.seed, 0, None)
+    for split in ("train", "val"):
+        sampler = dm.sampler(split)
+        sampler.set_epoch(1)
+        descs = list(sampler)
+        assert len(descs) == len(sampler)
+        per_panel = Counter(d[-1] for d in descs)
+        for i, part in enumerate(dm.parts):  # every batch of every panel, once
+            one = WindowBatchSampler(
+                len(part.windows),
+                part.splits[split],
+                dm.batch_size,
+                seed=1,
+                stream=0,
+                shuffle=False,
+                level=lambda: 0,
+            )
+            assert per_panel[i] == len(one)
+            people = {p for d in descs if d[-1] == i for p in d[4]}
+            assert people == set(part.splits[split].tolist())
+        if split == "val":  # taken in turn: a validation cut short still spans both panels
+            assert {d[-1] for d in descs[:2]} == {0, 1}
+    # a batch of panel 1 is built from panel 1 and says so; panel 0's equal the one-panel module's
+    desc = next(d for d in dm.sampler("train") if d[-1] == 1)
+    batch = dm.dataset[desc]
+    assert (batch["panel_index"] == 1).all()
+    truth = np.asarray(dm.parts[1].panel.haplotypes)
+    w = dm.parts[1].windows[desc[3]]
+    haps = np.stack([2 * np.array(desc[4]), 2 * np.array(desc[4]) + 1], 1).ravel()
+    labels = batch["alleles"][:, : w.length].numpy()
+    np.testing.assert_array_equal(labels, truth[w.start : w.end, haps].T)
+    assert dm.panel_for(batch) is dm.parts[1].panel
+    for split in ("train", "val"):  # a random-mask batch and an array one (with its HMM query)
+        desc0 = next(d for d in dm.sampler(split) if d[-1] == 0)
+        a, b = dm.dataset[desc0], alone.dataset[desc0[:-1]]
+        for key in ("tokens", "alleles", "af", *(("hmm_query",) if split == "val" else ())):
+            torch.testing.assert_close(a[key], b[key])
+    described = dm.describe()
+    assert described["panel_fingerprint"] == dm.parts[0].panel.fingerprint
+    assert [p["haplotypes"] for p in described["panels"]] == [120, 40]
+
+
+def test_one_genetic_map_for_two_panels_is_a_one_line_error(tiny_sim, second_sim, cache_dir):
+    from snvbert.errors import SnvbertError
+
+    panels = [str(tiny_sim / "panel.vcf.gz"), str(second_sim / "panel.vcf.gz")]
+    with pytest.raises(SnvbertError, match="one per panel"):
+        make_dm(tiny_sim, cache_dir, panel=panels, genetic_map=str(tiny_sim / "map.plink"))

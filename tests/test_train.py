@@ -343,3 +343,58 @@ def test_weight_averaging_checkpoints_and_imputes_the_average(tmp_path, tiny_sim
     net = load_trained(tmp_path / "run" / "checkpoints" / "last.ckpt", torch.device("cpu")).net
     name = moved[0]
     assert torch.equal(net.state_dict()[name.removeprefix("net.")], average[name])
+
+
+def test_training_on_two_panels_sees_both_and_its_checkpoint_imputes(
+    tmp_path, tiny_sim, monkeypatch
+):
+    """data.panel as a list: batches of both panels train and validate (the health checks
+    read each batch's own panel), and the checkpoint names both and imputes either."""
+    from snvbert.impute import impute
+    from snvbert.simulate import simulate
+
+    other = tmp_path / "other"
+    simulate(other, seed=12, size="tiny", panel=20)
+    panels = f"[{tiny_sim / 'panel.vcf.gz'},{other / 'panel.vcf.gz'}]"
+    cfg = compose_train(
+        tmp_path,
+        tiny_sim,
+        "debug=default",
+        f"data.panel={panels}",
+        "trainer.detect_anomaly=false",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=6",
+        "trainer.limit_val_batches=4",
+    )
+    from snvbert.data.datamodule import PanelMixture
+    from snvbert.health.callback import TrainingHealth
+
+    seen: list[int] = []
+    build = PanelMixture.__getitem__
+
+    def counted(self, desc):
+        seen.append(int(desc[-1]))
+        return build(self, desc)
+
+    monkeypatch.setattr(PanelMixture, "__getitem__", counted)
+    _, objects = train(cfg)
+    assert set(seen) == {0, 1}
+    (health,) = [c for c in objects["trainer"].callbacks if isinstance(c, TrainingHealth)]
+    # the alignment spot-check read each batch's own panel: batches of the 40-haplotype panel
+    # checked against the 120-haplotype one would differ
+    retrieval = health.summary()["checks"]["retrieval"]
+    assert retrieval["status"] == "ok" and "aligned" in retrieval["figure"], retrieval
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    described = torch.load(ckpt, weights_only=False)["SNVDataModule"]["describe"]
+    assert [p["haplotypes"] for p in described["panels"]] == [120, 40]
+    for sim, own in ((tiny_sim, True), (other, False)):
+        summary = impute(
+            ckpt,
+            sim / "panel.vcf.gz",
+            sim / "array.vcf.gz",
+            tmp_path / f"imputed-{own}.vcf.gz",
+            cache_dir=tmp_path / "cache",
+            progress=False,
+            genetic_map=sim / "map.plink",
+        )
+        assert summary["panel"]["training_panel"] is own

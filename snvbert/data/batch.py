@@ -27,6 +27,7 @@ From the DataLoader (CPU, built in workers):
 - ``window``   (B,)   long   window index (all equal within a batch)
 - ``mask_epoch``, ``mask_level``, ``mask_stream`` (B,) long: the key the mask was drawn from
   (training and validation batches of the panel; absent at imputation)
+- ``panel_index`` (B,) long: with several training panels (``data.panel`` a list), which one
 
 Added by retrieval (``SNVDataModule.on_after_batch_transfer``, on the batch's device):
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -41,6 +41,9 @@ from snvbert.data.retrieval import Retriever, retrieve
 from snvbert.data.windows import Window, make_windows, split_people
 from snvbert.errors import SnvbertError
 from snvbert.hmm import HMMConfig
+
+if TYPE_CHECKING:
+    from snvbert.data.vcf import Panel
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,8 @@ class WindowBatchSampler(Sampler[Descriptor]):
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
-    def descriptors(self) -> list[Descriptor]:
+    def all_descriptors(self) -> list[Descriptor]:
+        """The epoch's descriptors over every rank, in order."""
         epoch, level = self.mask_epoch, self.level()
         self.last_level = level
         # Order only: shuffling uses the sampler epoch even when the masks are fixed.
@@ -98,19 +102,74 @@ class WindowBatchSampler(Sampler[Descriptor]):
             for chunk in np.array_split(people, n_chunks):
                 out.append((self.stream, epoch, level, w, tuple(int(p) for p in chunk)))
         order = rng.permutation(len(out)) if self.shuffle else _spread(len(out), self.seed)
-        out = [out[i] for i in order]
-        rank, world = self._rank_world()
-        if world > 1:
-            per_rank = math.ceil(len(out) / world)
-            out = (out * 2)[: per_rank * world][rank::world]
-        return out
+        return [out[i] for i in order]
+
+    def descriptors(self) -> list[Descriptor]:
+        return _shard(self.all_descriptors(), *self._rank_world())
+
+    def __iter__(self):
+        return iter(self.descriptors())
+
+    def n_batches(self) -> int:
+        return self.n_windows * math.ceil(len(self.persons) / self.batch_persons)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_batches() / self._rank_world()[1])
+
+
+def _shard(out: list, rank: int, world: int) -> list:
+    """This rank's share of an epoch's batches (every world-th; padded to equal shares)."""
+    if world > 1:
+        per_rank = math.ceil(len(out) / world)
+        out = (out * 2)[: per_rank * world][rank::world]
+    return out
+
+
+class PanelMixtureSampler(Sampler[tuple]):
+    """Several panels' batches as one epoch: each panel's :class:`WindowBatchSampler`
+    descriptors with the panel's index appended, shuffled together for training and taken in
+    turn (panel 0's first batch, panel 1's first, ...) for validation, so that a validation
+    limited to its first batches still spans every panel. Sharded over DDP ranks once, after
+    mixing."""
+
+    def __init__(self, parts: Sequence[WindowBatchSampler]) -> None:
+        self.parts = list(parts)
+        first = self.parts[0]
+        self.seed, self.stream, self.shuffle = first.seed, first.stream, first.shuffle
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.parts[0].epoch
+
+    @property
+    def mask_epoch(self) -> int:
+        return self.parts[0].mask_epoch
+
+    @property
+    def last_level(self) -> int | None:
+        return self.parts[0].last_level
+
+    def descriptors(self) -> list[tuple]:
+        each = [[(*d, i) for d in part.all_descriptors()] for i, part in enumerate(self.parts)]
+        if self.shuffle:
+            out = [d for part in each for d in part]
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.stream, self.epoch, 0x313])
+            out = [out[i] for i in rng.permutation(len(out))]
+        else:
+            longest = max(len(part) for part in each)
+            out = [part[j] for j in range(longest) for part in each if j < len(part)]
+        return _shard(out, *self.parts[0]._rank_world())
 
     def __iter__(self):
         return iter(self.descriptors())
 
     def __len__(self) -> int:
-        n = self.n_windows * math.ceil(len(self.persons) / self.batch_persons)
-        return math.ceil(n / self._rank_world()[1])
+        n = sum(part.n_batches() for part in self.parts)
+        return math.ceil(n / self.parts[0]._rank_world()[1])
 
 
 def _spread(n: int, seed: int) -> np.ndarray:
@@ -161,7 +220,7 @@ class PanelWindows(Dataset):
             seed=self.seed,
             stream=stream,
             epoch=epoch,
-            spacing_bp=level.spacing_bp,
+            spacing_bp=level.spacing(seed=self.seed, stream=stream, epoch=epoch),
             min_maf=level.min_maf,
         )
 
@@ -308,6 +367,39 @@ class PanelWindows(Dataset):
         return batch
 
 
+class PanelMixture(Dataset):
+    """Several panels' :class:`PanelWindows`: a descriptor's last entry (from
+    :class:`PanelMixtureSampler`) names the panel; the batch carries it as ``panel_index``
+    (B,), so its HMM and checks are that panel's."""
+
+    def __init__(self, parts: Sequence[PanelWindows]) -> None:
+        self.parts = list(parts)
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __getitem__(self, desc: tuple) -> dict[str, Tensor]:
+        index = int(desc[-1])
+        batch = self.parts[index][desc[:-1]]
+        batch["panel_index"] = torch.full((len(batch["mask_epoch"]),), index, dtype=torch.long)
+        return batch
+
+
+@dataclass
+class TrainingPanel:
+    """One training panel and what is built on it (``SNVDataModule.parts``)."""
+
+    path: str
+    panel: Panel
+    hmm: HMMConfig | None
+    genetic_map: str | None
+    morgans: np.ndarray
+    splits: dict[str, np.ndarray]
+    af: np.ndarray
+    windows: list[Window]
+    dataset: PanelWindows
+
+
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -318,13 +410,13 @@ class SNVDataModule(L.LightningDataModule):
     def __init__(
         self,
         *,
-        panel: str | None,
+        panel: str | Sequence[str] | None,
         sim_dir: str | None,
         simulate: dict | None,
         cache_dir: str,
         chrom: str | None,
-        populations: str | None,
-        genetic_map: str | None,
+        populations: str | Sequence[str] | None,
+        genetic_map: str | Sequence[str] | None,
         window: dict,
         context_bp: int,
         split: dict,
@@ -346,12 +438,21 @@ class SNVDataModule(L.LightningDataModule):
             raise SnvbertError(f"data.val_mask='{val_mask}' must be 'fixed' or 'per_epoch'")
         if panel is None and sim_dir is None:
             raise SnvbertError("set data.panel=PATH (a phased panel VCF) or data.sim_dir")
-        # panel=None means the simulated default panel, made on first use.
+        # panel=None means the simulated default panel, made on first use; a list, several
+        # panels that training draws from (validation spans them all).
         self.simulate_cfg = dict(simulate or {}) if panel is None else None
-        self.panel_path = str(panel) if panel is not None else str(Path(sim_dir) / "panel.vcf.gz")
+        if panel is None:
+            self.panel_paths = [str(Path(sim_dir) / "panel.vcf.gz")]
+        elif isinstance(panel, str | Path):
+            self.panel_paths = [str(panel)]
+        else:
+            self.panel_paths = [str(p) for p in panel]
+        if not self.panel_paths:
+            raise SnvbertError("data.panel=[] names no panel; give a path or a list of paths")
+        self.panel_path = self.panel_paths[0]
         self.cache_dir, self.chrom = cache_dir, chrom
-        self.populations_path = populations
-        self.genetic_map_path = genetic_map
+        self.populations_paths = self._per_panel(populations, "populations")
+        self.genetic_map_paths = self._per_panel(genetic_map, "genetic_map")
         self.window_cfg = {"length": int(window["length"]), "overlap": int(window["overlap"])}
         self.context_bp = int(context_bp)
         self.split_cfg = dict(split)
@@ -366,7 +467,27 @@ class SNVDataModule(L.LightningDataModule):
         # for the panel in setup(), as imputation makes them for its reference.
         self.hmm = None if hmm is None else HMMConfig.parse(hmm)
         self.panel = None
-        self._samplers: dict[str, WindowBatchSampler] = {}
+        self.parts: list[TrainingPanel] = []
+        self._samplers: dict[str, WindowBatchSampler | PanelMixtureSampler] = {}
+
+    def _per_panel(self, value: str | Sequence[str] | None, key: str) -> list[str | None]:
+        """A per-panel setting (populations, genetic_map): one path, a list (one per panel) or
+        null (the file beside each panel)."""
+        if value is None:
+            return [None] * len(self.panel_paths)
+        if isinstance(value, str | Path):
+            if len(self.panel_paths) > 1:
+                raise SnvbertError(
+                    f"data.{key}={value} is one file for {len(self.panel_paths)} panels; give a "
+                    "list with one per panel, or null (the file beside each panel)"
+                )
+            return [str(value)]
+        values = [None if v is None else str(v) for v in value]
+        if len(values) != len(self.panel_paths):
+            raise SnvbertError(
+                f"data.{key} has {len(values)} entries for {len(self.panel_paths)} panels"
+            )
+        return values
 
     # -- setup ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -381,86 +502,122 @@ class SNVDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.panel is not None:
             return
+        self.parts = [
+            self._setup_panel(i, path, pops, gmap)
+            for i, (path, pops, gmap) in enumerate(
+                zip(self.panel_paths, self.populations_paths, self.genetic_map_paths, strict=True)
+            )
+        ]
+        # Panel 0 is "the" training panel of everything that reads one (checks, the checkpoint's
+        # description, imputation's reference=train); the others add training and validation data.
+        first = self.parts[0]
+        self.panel, self.hmm, self.morgans = first.panel, first.hmm, first.morgans
+        self.genetic_map_used, self.splits, self.af = first.genetic_map, first.splits, first.af
+        self.windows, self.length = first.windows, int(self.window_cfg["length"])
+        self.dataset: PanelWindows | PanelMixture = (
+            first.dataset if len(self.parts) == 1 else PanelMixture([p.dataset for p in self.parts])
+        )
+
+    def _setup_panel(
+        self, index: int, path: str, pops: str | None, gmap: str | None
+    ) -> TrainingPanel:
         from snvbert.data.vcf import load_panel
 
-        if not Path(self.panel_path).exists():
-            raise SnvbertError("panel VCF not found; set data.panel=PATH", path=self.panel_path)
-        pops = self.populations_path
-        if pops is None and (Path(self.panel_path).parent / "populations.tsv").exists():
-            pops = str(Path(self.panel_path).parent / "populations.tsv")
-        self.panel = load_panel(
-            self.panel_path, cache_dir=self.cache_dir, chrom=self.chrom, populations=pops
-        )
+        if not Path(path).exists():
+            raise SnvbertError("panel VCF not found; set data.panel=PATH", path=path)
+        if pops is None and (Path(path).parent / "populations.tsv").exists():
+            pops = str(Path(path).parent / "populations.tsv")
+        panel = load_panel(path, cache_dir=self.cache_dir, chrom=self.chrom, populations=pops)
+        hmm = None
         if self.hmm is not None:
             # The rules imputation applies to its reference, which by default is this whole
             # panel: IBS states above 1,600 haplotypes, the rate an error-free array fits to.
-            self.hmm = self.hmm.resolved(self.panel.n_haps)
-            log.info("HMM: %s", self.hmm.to_dict())
-        gmap = self.genetic_map_path
-        if gmap is None and (Path(self.panel_path).parent / "map.plink").exists():
-            gmap = str(Path(self.panel_path).parent / "map.plink")
+            hmm = self.hmm.resolved(panel.n_haps)
+            log.info("HMM: %s", hmm.to_dict())
+        if gmap is None and (Path(path).parent / "map.plink").exists():
+            gmap = str(Path(path).parent / "map.plink")
         if gmap is not None and not Path(gmap).exists():
             raise SnvbertError(
                 "genetic map not found; set data.genetic_map=PATH (a PLINK map) or null", path=gmap
             )
-        # absolute, so imputation finds it from any working directory
-        self.genetic_map_used = None if gmap is None else str(Path(gmap).resolve())
-        self.morgans = genetic_positions(self.panel.pos, gmap)
+        morgans = genetic_positions(panel.pos, gmap)
         log.info("genetic map: %s", gmap or f"none (a constant {CM_PER_MB} cM/Mb)")
-        populations = self.panel.populations
-        self.splits = split_people(
-            self.panel.n_samples,
+        populations = panel.populations
+        splits = split_people(
+            panel.n_samples,
             self.split_cfg["fractions"],
             int(self.split_cfg["seed"]),
             None if populations is None else list(populations),
         )
-        self.af = self.panel.alt_freq(self.splits["train"]).astype(np.float64)
-        self.windows = make_windows(
-            self.panel.pos,
-            int(self.window_cfg["length"]),
-            int(self.window_cfg["overlap"]),
-            self.context_bp,
-        )
-        self.length = int(self.window_cfg["length"])
-        self.dataset = PanelWindows(
-            self.panel.haplotypes,
-            self.panel.pos,
-            self.af,
-            self.windows,
-            self.splits["train"],
+        af = panel.alt_freq(splits["train"]).astype(np.float64)
+        length = int(self.window_cfg["length"])
+        windows = make_windows(panel.pos, length, int(self.window_cfg["overlap"]), self.context_bp)
+        dataset = PanelWindows(
+            panel.haplotypes,
+            panel.pos,
+            af,
+            windows,
+            splits["train"],
             self.curriculum.levels,
-            seed=self.seed,
-            length=self.length,
-            morgans=self.morgans,
-            hmm_chromosome=self.hmm is not None and self.hmm.scope == "chromosome",
+            # each panel its own masks (panel 0: the single-panel ones)
+            seed=self.seed + index,
+            length=length,
+            morgans=morgans,
+            hmm_chromosome=hmm is not None and hmm.scope == "chromosome",
         )
         log.info(
-            "data: %d sites, %d windows of %d (overlap %d), people train/val/test %d/%d/%d",
-            self.panel.n_sites,
-            len(self.windows),
-            self.length,
+            "data: %s%d sites, %d windows of %d (overlap %d), people train/val/test %d/%d/%d",
+            f"panel {index} " if len(self.panel_paths) > 1 else "",
+            panel.n_sites,
+            len(windows),
+            length,
             self.window_cfg["overlap"],
-            *(len(self.splits[s]) for s in ("train", "val", "test")),
+            *(len(splits[s]) for s in ("train", "val", "test")),
+        )
+        return TrainingPanel(
+            path=path,
+            panel=panel,
+            hmm=hmm,
+            # absolute, so imputation finds it from any working directory
+            genetic_map=None if gmap is None else str(Path(gmap).resolve()),
+            morgans=morgans,
+            splits=splits,
+            af=af,
+            windows=windows,
+            dataset=dataset,
         )
 
+    def panel_for(self, batch: dict[str, Any]) -> Panel | None:
+        """The training panel a batch was drawn from (``panel_index``; else the first)."""
+        if not self.parts:
+            return self.panel
+        index = batch.get("panel_index")
+        return self.parts[0 if index is None else int(index[0])].panel
+
     # -- samplers and loaders ------------------------------------------------------------------
-    def sampler(self, split: str) -> WindowBatchSampler:
+    def sampler(self, split: str) -> WindowBatchSampler | PanelMixtureSampler:
         if split not in self._samplers:
             train = split == "train"
             final = self.curriculum.final_level
-            self._samplers[split] = WindowBatchSampler(
-                len(self.windows),
-                self.splits[split],
-                self.batch_size,
-                seed=self.seed,
-                stream=M.TRAIN_STREAM if train else M.EVAL_STREAM + ("val", "test").index(split),
-                shuffle=train,
-                # Validation and test always measure the final (array) task.
-                level=(lambda: self.curriculum.level) if train else (lambda: final),
-                fixed_epoch=None
-                if train or (split == "val" and self.val_mask == "per_epoch")
-                else 0,
-            )
+            parts = [
+                WindowBatchSampler(
+                    len(part.windows),
+                    part.splits[split],
+                    self.batch_size,
+                    seed=self.seed + i,
+                    stream=M.TRAIN_STREAM
+                    if train
+                    else M.EVAL_STREAM + ("val", "test").index(split),
+                    shuffle=train,
+                    # Validation and test always measure the final (array) task.
+                    level=(lambda: self.curriculum.level) if train else (lambda: final),
+                    fixed_epoch=None
+                    if train or (split == "val" and self.val_mask == "per_epoch")
+                    else 0,
+                )
+                for i, part in enumerate(self.parts)
+            ]
+            self._samplers[split] = parts[0] if len(parts) == 1 else PanelMixtureSampler(parts)
         return self._samplers[split]
 
     def val_fingerprint(self) -> str:
@@ -471,11 +628,14 @@ class SNVDataModule(L.LightningDataModule):
         sampler = self.sampler("val")
         if final.strategy != "array":
             return f"{final.strategy}@epoch{sampler.mask_epoch}"
-        return M.fingerprint(self.dataset.chip(sampler.stream, sampler.mask_epoch, final))
+        return M.fingerprint(self.parts[0].dataset.chip(sampler.stream, sampler.mask_epoch, final))
 
     def _loader(self, split: str) -> DataLoader:
-        if len(self.splits[split]) == 0:
-            raise SnvbertError(f"the {split} split has no people; change data.split.fractions")
+        for part in self.parts:
+            if len(part.splits[split]) == 0:
+                raise SnvbertError(
+                    f"the {split} split has no people; change data.split.fractions", path=part.path
+                )
         return DataLoader(
             self.dataset,
             sampler=self.sampler(split),
@@ -500,16 +660,20 @@ class SNVDataModule(L.LightningDataModule):
         if "query_ctx" in batch:
             training = self.trainer is not None and self.trainer.training
             step = self.trainer.global_step if training else 0
-            batch = retrieve(batch, self.retriever, self.batch_hmm(training, step))
+            index = batch.get("panel_index")
+            part = 0 if index is None else int(index[0])
+            batch = retrieve(batch, self.retriever, self.batch_hmm(training, step, part))
         return batch
 
-    def batch_hmm(self, training: bool, step: int) -> HMMConfig | None:
-        """The HMM of one batch: with ``err_max``, a training batch's mismatch rate is drawn
-        log-uniformly from [err, err_max], a pure function of (seed, step) so a resumed run
-        draws the same; validation and test always use ``err``."""
-        if self.hmm is None:
+    def batch_hmm(self, training: bool, step: int, part: int = 0) -> HMMConfig | None:
+        """The HMM of one batch (of training panel ``part``, resolved for its size): with
+        ``err_max``, a training batch's mismatch rate is drawn log-uniformly from [err,
+        err_max], a pure function of (seed, step) so a resumed run draws the same; validation
+        and test always use ``err``."""
+        hmm = self.parts[part].hmm if self.parts else self.hmm
+        if hmm is None:
             return None
-        return self.hmm.for_step(self.seed, M.TRAIN_STREAM, step if training else None)
+        return hmm.for_step(self.seed, M.TRAIN_STREAM, step if training else None)
 
     # -- state that must survive a resume -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -537,4 +701,14 @@ class SNVDataModule(L.LightningDataModule):
             "hmm": None if self.hmm is None else self.hmm.to_dict(),
             "genetic_map": self.genetic_map_used,
             "seed": self.seed,
+            "panels": [
+                {
+                    "path": part.path,
+                    "fingerprint": part.panel.fingerprint,
+                    "sites": part.panel.n_sites,
+                    "haplotypes": part.panel.n_haps,
+                    "train_people": len(part.splits["train"]),
+                }
+                for part in self.parts
+            ],
         }

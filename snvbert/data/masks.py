@@ -12,7 +12,9 @@ Strategies:
   falls, scaled so that the mean rate over the window is ``rate``.
 - ``array``: the real task. One chip — a typed-site set, about one site per ``spacing_bp`` among
   sites with MAF >= ``min_maf`` — is drawn per (seed, stream, epoch) for the whole chromosome and
-  shared by every haplotype and window; everything else is hidden. ``missing_rate`` hides typed
+  shared by every haplotype and window; everything else is hidden. With ``spacing_bp_max`` each
+  chip's spacing is drawn log-uniformly from [``spacing_bp``, ``spacing_bp_max``] (per seed,
+  stream and epoch: arrays of many densities over training). ``missing_rate`` hides typed
   calls at random per haplotype, and ``error_rate`` flips typed alleles, as real chips do.
 
 The retrieval's tie-break scores (:func:`tie_jitter`) are drawn the same way, keyed on
@@ -45,6 +47,7 @@ class MaskLevel:
     min_maf: float = 0.05
     missing_rate: float = 0.0
     error_rate: float = 0.0
+    spacing_bp_max: int | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -55,6 +58,20 @@ class MaskLevel:
                 raise SnvbertError(f"mask {name}={value} must lie in [0, 1]")
         if self.spacing_bp <= 0:
             raise SnvbertError(f"mask spacing_bp={self.spacing_bp} must be positive")
+        if self.spacing_bp_max is not None and self.spacing_bp_max < self.spacing_bp:
+            raise SnvbertError(
+                f"mask spacing_bp_max={self.spacing_bp_max} must be at least "
+                f"spacing_bp={self.spacing_bp}"
+            )
+
+    def spacing(self, *, seed: int, stream: int, epoch: int) -> int:
+        """The chip spacing of one (seed, stream, epoch): ``spacing_bp``, or with
+        ``spacing_bp_max`` a log-uniform draw between the two."""
+        if self.spacing_bp_max is None or self.spacing_bp_max == self.spacing_bp:
+            return int(self.spacing_bp)
+        u = _rng(seed, stream, epoch, 0x5BAC).random()
+        lo, hi = np.log(self.spacing_bp), np.log(self.spacing_bp_max)
+        return int(round(float(np.exp(lo + u * (hi - lo)))))
 
     @property
     def code(self) -> int:

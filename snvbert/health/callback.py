@@ -414,7 +414,9 @@ class TrainingHealth(L.Callback):
         if counts is None:
             return
         dm = getattr(trainer, "datamodule", None)
-        haplotypes = getattr(getattr(dm, "panel", None), "haplotypes", None)
+        # the batch's own training panel (a data module may draw from several)
+        panel = dm.panel_for(batch) if hasattr(dm, "panel_for") else getattr(dm, "panel", None)
+        haplotypes = getattr(panel, "haplotypes", None)
         checked, bad = alignment_counts(
             haplotypes, batch, counts.valid, self.align_samples, self._rng
         )
