@@ -151,6 +151,26 @@ def _impute_job(job: dict[str, str], threads: int) -> dict[str, Any]:
     )
 
 
+def simulations(
+    out: Path,
+    seed: int,
+    size: str,
+    demography: str | None = None,
+    panel_people: int | None = None,
+    spacing_bp: int | None = None,
+) -> dict[str, Path]:
+    """The folders of a run's two simulations, ``clean`` and ``realistic``, under ``out``."""
+    tag = f"{size}-seed{seed}" + ("" if demography is None else f"-{demography}")
+    tag += "" if panel_people is None else f"-panel{panel_people}"
+    tag += "" if spacing_bp is None else f"-{spacing_bp // 1000}kb"
+    return {case: out / "sim" / f"{tag}-{case}" for case in ("clean", "realistic")}
+
+
+def query_file(out: Path, case: str, sim: Path) -> Path:
+    """What snvbert, Minimac4 and the HMMs impute: the array, or (realistic) Beagle's phasing of it."""
+    return sim / "array.vcf.gz" if case == "clean" else out / case / "phased.vcf.gz"
+
+
 def run(
     out_dir: str | Path = "outputs/bench/accuracy",
     *,
@@ -182,13 +202,7 @@ def run(
     if panel_people is not None:
         model["panel"] = int(panel_people)
     spacing = {} if spacing_bp is None else {"spacing_bp": int(spacing_bp)}
-    tag = f"{size}-seed{seed}" + ("" if demography is None else f"-{demography}")
-    tag += "" if panel_people is None else f"-panel{panel_people}"
-    tag += "" if spacing_bp is None else f"-{spacing_bp // 1000}kb"
-    sims = {
-        "clean": out / "sim" / f"{tag}-clean",
-        "realistic": out / "sim" / f"{tag}-realistic",
-    }
+    sims = simulations(out, seed, size, demography, panel_people, spacing_bp)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     simulate(sims["clean"], seed, size, array=spacing or None, **model)
@@ -234,7 +248,7 @@ def run(
         work = out / case
         work.mkdir(exist_ok=True)
         if case == "clean":
-            queries[case] = sim / "array.vcf.gz"
+            queries[case] = query_file(out, case, sim)
             continue
         if not beagle:
             log.warning("beagle not found: the realistic case needs it for phasing; skipped")
@@ -252,7 +266,7 @@ def run(
             work / "beagle_phasing.log",
         )
         subprocess.run(["tabix", "-f", "-p", "vcf", str(work / "phased.vcf.gz")], check=True)
-        queries[case] = work / "phased.vcf.gz"
+        queries[case] = query_file(out, case, sim)
     models = {"snvbert": ckpt} if transfer is None else {"transfer": transfer, "snvbert": ckpt}
     jobs = {
         (case, name): {
