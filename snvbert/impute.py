@@ -509,16 +509,26 @@ def _resolve_hmm_certain(value: Any, trained: float) -> float | None:
 # reference haplotypes, IBS states) every bin below 0.05 unchanged to the fourth decimal,
 # [0.05, 0.5] -0.0002 (intervals across zero; that HMM alone is above Beagle there), 57 % fewer
 # uncertain tokens. Over every haplotype (a small panel: the demo's 600) the network adds 0.01
-# at common sites, so there auto leaves every MAF to it.
+# at common sites, so there auto leaves every MAF to it; and on a sparse array too: with one
+# site per 30 kb (33 typed sites per Mb, README "Any panel") the cap cost 0.0083
+# [0.0065, 0.0095] in [0.05, 0.5] and turned a lead over Beagle there into a loss, so auto caps
+# only from AUTO_COMMON_MAF_MIN_DENSITY typed sites per Mb (the measured 10 kb arrays: 100).
 AUTO_COMMON_MAF = 0.05
+AUTO_COMMON_MAF_MIN_DENSITY = 80.0
 
 
-def _resolve_hmm_common_maf(value: Any, trained: float | None, ibs: bool) -> float | None:
+def _resolve_hmm_common_maf(
+    value: Any, trained: float | None, ibs: bool, typed_per_mb: float = float("inf")
+) -> float | None:
     """impute's hmm_common_maf: ``auto`` (the checkpoint's cap; without one AUTO_COMMON_MAF
-    when the HMM's states are IBS-selected, ``ibs``, else none), ``train`` (the checkpoint's),
+    when the HMM's states are IBS-selected, ``ibs``, and the array has at least
+    AUTO_COMMON_MAF_MIN_DENSITY typed sites per Mb, else none), ``train`` (the checkpoint's),
     ``off`` (every MAF: None) or a MAF in (0, 0.5]."""
     if value == "auto":
-        return trained if trained is not None or not ibs else AUTO_COMMON_MAF
+        if trained is not None:
+            return trained
+        dense = typed_per_mb >= AUTO_COMMON_MAF_MIN_DENSITY
+        return AUTO_COMMON_MAF if ibs and dense else None
     if value in ("train", None):
         return trained
     if value in ("off", False):
@@ -583,8 +593,9 @@ def impute(
     ``model.hmm_certain``; ``train``: the checkpoint's); ``hmm_common_maf`` the panel MAF
     from which hidden sites take the HMM's answer whatever their P(ALT) (``auto``: the
     checkpoint's ``model.hmm_common_maf``, else :data:`AUTO_COMMON_MAF` with IBS-selected HMM
-    states and none with every haplotype; ``train``: the checkpoint's; ``off``: none); ``cache_dir``; ``threads``
-    the CPU threads of torch and the compiled HMM (None: every core); ``progress``; ``gp``
+    states and an array of at least :data:`AUTO_COMMON_MAF_MIN_DENSITY` typed sites per Mb,
+    none otherwise; ``train``: the checkpoint's; ``off``: none); ``cache_dir``; ``threads`` the
+    CPU threads of torch and the compiled HMM (None: every core); ``progress``; ``gp``
     whether the output carries GP beside GT and DS. Returns a summary: site counts by kind and
     every adjustment.
     """
@@ -684,7 +695,10 @@ def impute(
     ibs = _resolve_hmm_states(hmm_states, trained_ibs, 2 * len(ref_persons))
     run_ibs = trained_ibs if ibs == "train" else ibs  # the IBS selection the HMM runs
     model.net.config.hmm_common_maf = _resolve_hmm_common_maf(
-        setting["hmm_common_maf"], model.net.config.hmm_common_maf, run_ibs is not None
+        setting["hmm_common_maf"],
+        model.net.config.hmm_common_maf,
+        run_ibs is not None,
+        _panel_report(pan, describe, same_panel, n_matched)["typed_per_mb"],
     )
     af = pan.alt_freq(af_people)
     k_asked = int(k if k is not None else model.retrieval["k"])

@@ -704,7 +704,7 @@ def test_hmm_certain_at_imputation_moves_where_the_network_runs(
 
 
 def test_hmm_common_maf_leaves_common_sites_to_the_hmm(
-    tiny_ckpt: Path, tiny_sim: Path, cache: Path, tmp_path: Path
+    tiny_ckpt: Path, tiny_sim: Path, other_sim: Path, cache: Path, tmp_path: Path
 ) -> None:
     """impute hmm_common_maf=0.05: at imputed sites of panel MAF >= 0.05 the output is the HMM
     skip's (that of a run where the network runs almost nowhere, hmm_certain=0.4999), at rarer
@@ -718,6 +718,18 @@ def test_hmm_common_maf_leaves_common_sites_to_the_hmm(
     assert capped["hmm_common_maf"] == 0.05
     ibs = _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "ibs.vcf.gz", cache, hmm_states="ibs")
     assert ibs["hmm_common_maf"] == imp.AUTO_COMMON_MAF  # auto with IBS-selected states
+    assert ibs["panel"]["typed_per_mb"] >= imp.AUTO_COMMON_MAF_MIN_DENSITY
+    sparse = impute(  # an array of one site per 15 kb: auto leaves common sites to the net
+        tiny_ckpt,
+        other_sim / "panel.vcf.gz",
+        other_sim / "array.vcf.gz",
+        tmp_path / "sparse.vcf.gz",
+        cache_dir=cache,
+        progress=False,
+        hmm_states="ibs",
+    )
+    assert sparse["panel"]["typed_per_mb"] < imp.AUTO_COMMON_MAF_MIN_DENSITY
+    assert sparse["hmm_common_maf"] is None
     assert (
         _impute_tiny(tiny_ckpt, tiny_sim, tmp_path / "off.vcf.gz", cache, hmm_common_maf="off")[
             "hmm_common_maf"
@@ -802,13 +814,17 @@ def test_impute_without_ckpt_uses_the_shipped_model_and_says_so(
     small file with its recipe beside it, at the HMM's level or above on this array."""
     import json
 
+    import torch
+
     from snvbert.evaluate import evaluate
     from snvbert.hmm.imputer import impute_hmm
     from snvbert.pretrained import DEFAULT_CKPT, DEFAULT_RECIPE
 
     assert DEFAULT_CKPT.stat().st_size <= 10 * 1024**2
+    torch.load(DEFAULT_CKPT, weights_only=True)  # plain values only: loading runs no code
     recipe = json.loads(DEFAULT_RECIPE.read_text())
-    assert recipe["training_data"]["simulation"]["demography"] == "OutOfAfrica_3G09"
+    sims = recipe["training_data"]["simulations"]
+    assert sims and {s["demography"] for s in sims} == {"OutOfAfrica_3G09"}
     assert recipe["command"].startswith("make pretrained") and recipe["training"]["steps"] > 0
     out = tmp_path / "shipped.vcf.gz"
     summary = impute(

@@ -68,6 +68,8 @@ def strip_checkpoint(raw: dict[str, Any], recipe: dict[str, Any]) -> dict[str, A
 
 def _plain(value: Any) -> Any:
     """``value`` as plain Python (OmegaConf and numpy values included), for weights_only."""
+    if isinstance(value, str):  # str subclasses too (torch.__version__ is one)
+        return str(value)
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple) or type(value).__name__ == "ListConfig":

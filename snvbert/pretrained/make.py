@@ -5,11 +5,11 @@
     python -m snvbert.pretrained.make                  # rewrites snvbert/pretrained/default.*
     python -m snvbert.pretrained.make --out /tmp/mine  # elsewhere (the shipped files untouched)
 
-From nothing: simulates the training panel (:data:`RECIPE`: the ``OutOfAfrica_3G09``
+From nothing: simulates the training panels (:data:`RECIPE`: the ``OutOfAfrica_3G09``
 demography only; every other stdpopsim HomSap model is kept for measuring it,
-``python -m snvbert.bench.transfer --source snvbert/pretrained/default.ckpt``), trains on it
-with a fixed number of steps (so the same command gives the same model on the same machine),
-keeps the best validation checkpoint cut to what imputation reads
+``python -m snvbert.bench.transfer --source snvbert/pretrained/default.ckpt``), trains on all
+of them at once with a fixed number of steps (so the same command gives the same model on the
+same machine), keeps the best validation checkpoint cut to what imputation reads
 (:func:`snvbert.pretrained.strip_checkpoint`) as ``default.ckpt``, and writes ``default.json``
 beside it: the recipe, the training data's description (each simulation's manifest), the
 validation metrics and the time it took.
@@ -36,18 +36,29 @@ log = logging.getLogger("snvbert.pretrained")
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
-# The recipe. The panel: the 5 Mb scenario of the accuracy benchmark (1,000 people, 2,000
-# haplotypes), seed 1, the default demography. Training: experiment=accuracy (model=compact,
-# K=128, the HMM skip; a random-mask epoch, then the array task with its chip redrawn every
-# epoch) for a fixed number of epochs of 100 batches.
+# The recipe. The panel: the accuracy benchmark's 5 Mb scenario of the default demography
+# (every other stdpopsim HomSap model is kept for measuring the model), seed 1, 1,000 people
+# (2,000 haplotypes). Training: experiment=accuracy (model=compact, K=128, the HMM skip; a
+# random-mask epoch, then the array task, one site per 10 kb, its chip redrawn every epoch) for
+# a fixed 8 epochs of 100 batches. SIMULATIONS may list several panels (data.panel a list); a
+# three-panel recipe (seeds 3 and 4 with 600 and 4,000 haplotypes beside this one, arrays of 5
+# to 30 kb, genotype errors) measured worse on every transfer scenario (README, "Any panel").
+SIMULATIONS: list[dict[str, Any]] = [{"size": "5mb", "seed": 1, "panel": 1000}]
+DEMOGRAPHY = "OutOfAfrica_3G09"
 RECIPE: dict[str, Any] = {
-    "simulation": {"size": "5mb", "seed": 1, "demography": "OutOfAfrica_3G09"},
+    "demography": DEMOGRAPHY,
+    "simulations": SIMULATIONS,
     "overrides": ["experiment=accuracy", "trainer.max_epochs=8", "seed=1"],
 }
 
 
-def _train(panel: Path, work: Path, overrides: list[str]) -> tuple[Path, dict[str, Any]]:
-    """Train on ``panel`` under ``work``; the best checkpoint and what the run reached."""
+def _sim_dir(work: Path, sim: dict[str, Any]) -> Path:
+    return work / "sim" / f"{sim['size']}-seed{sim['seed']}-panel{sim['panel']}-{DEMOGRAPHY}"
+
+
+def _train(panels: str, work: Path, overrides: list[str]) -> tuple[Path, dict[str, Any]]:
+    """Train on ``panels`` (a Hydra list of paths) under ``work``; the best checkpoint and
+    what the run reached."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -56,7 +67,7 @@ def _train(panel: Path, work: Path, overrides: list[str]) -> tuple[Path, dict[st
 
     run_dir = work / "train"
     args = [
-        f"data.panel={panel}",
+        f"data.panel={panels}",
         f"paths.root_dir={Path.cwd()}",
         f"paths.log_dir={work}",
         f"paths.output_dir={run_dir}",
@@ -96,19 +107,24 @@ def make(out_dir: str | Path = HERE, work: str | Path = "outputs/pretrained") ->
     out, work = Path(out_dir), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    sim = dict(RECIPE["simulation"])
-    sim_dir = work / "sim" / f"{sim['size']}-seed{sim['seed']}-{sim['demography']}"
-    manifest = simulate(sim_dir, sim["seed"], sim["size"], demography=sim["demography"])
-    ckpt, reached = _train(sim_dir / "panel.vcf.gz", work, list(RECIPE["overrides"]))
+    sims = []
+    for sim in SIMULATIONS:
+        folder = _sim_dir(work, sim)
+        manifest = simulate(
+            folder, sim["seed"], sim["size"], demography=DEMOGRAPHY, panel=sim["panel"]
+        )
+        sims.append({**sim, "demography": DEMOGRAPHY, "manifest": manifest})
+    panels = "[" + ",".join(str(_sim_dir(work, sim) / "panel.vcf.gz") for sim in SIMULATIONS) + "]"
+    ckpt, reached = _train(panels, work, list(RECIPE["overrides"]))
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     recipe = {
         "command": "make pretrained (python -m snvbert.pretrained.make)",
         "recipe": RECIPE,
-        "training_data": {"simulation": sim, "manifest": manifest},
+        "training_data": {"demography": DEMOGRAPHY, "simulations": sims},
         "training": reached,
         "built": {
             "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "python": platform.python_version(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "wall_seconds": round(time.perf_counter() - started, 1),
