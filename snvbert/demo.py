@@ -44,8 +44,14 @@ def main(cfg: DictConfig) -> None:
     if DEFAULT_CKPT.is_file():  # the other path: impute with the shipped model, no training
         shipped = run / "imputed-shipped.vcf.gz"
         print(f"\nimputing {sim / 'array.vcf.gz'} with the shipped default model", flush=True)
+        gmap = sim / "map.plink"  # the trained model's map; the shipped one knows another panel's
         summary = impute(
-            None, sim / "panel.vcf.gz", sim / "array.vcf.gz", shipped, cache_dir=cfg.paths.cache_dir
+            None,
+            sim / "panel.vcf.gz",
+            sim / "array.vcf.gz",
+            shipped,
+            cache_dir=cfg.paths.cache_dir,
+            genetic_map=gmap if gmap.exists() else None,
         )
         print(format_summary(summary), flush=True)
         files["shipped"] = shipped
