@@ -103,8 +103,9 @@ def test_packaged_configs_are_the_checkouts():
 # --- the wheel and the editable install in a fresh venv (slow) --------------------------------
 
 
-def _run(cmd: list, cwd: Path, timeout: int = 900) -> str:
+def _run(cmd: list, cwd: Path, timeout: int = 900, **extra_env: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(extra_env)
     result = subprocess.run(
         [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -174,6 +175,9 @@ def test_wheel_installs_working_commands(fresh, tmp_path: Path):
             "progress=false",
         ],
         tmp_path,
+        # numba's kernel cache outside the installed package: files pip never installed would
+        # outlive its uninstall and shadow the editable install the next test makes
+        NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
     )
     assert "the default model shipped with snvbert" in imputed
     assert (tmp_path / "imputed.vcf.gz.tbi").is_file()
