@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from snvbert.errors import SnvbertError
+from snvbert.utils.cli import user_errors_exit
 from snvbert.utils.io import atomic_path
 
 log = logging.getLogger("snvbert.bench.accuracy")
@@ -371,6 +372,7 @@ def run(
     return results
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m snvbert.bench.accuracy", description=__doc__.split("\n")[0]
@@ -414,25 +416,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(
-            args.out,
-            seed=args.seed,
-            size=args.size,
-            demography=args.demography,
-            train_minutes=args.train_minutes,
-            skip_train=args.skip_train,
-            threads=args.threads,
-            bootstrap=args.bootstrap,
-            hmm=not args.no_hmm,
-            train_overrides=args.overrides,
-            panel_people=args.panel_people,
-            spacing_bp=args.spacing_bp,
-            transfer=args.transfer,
-        )
-    except SnvbertError as err:
-        print(f"snvbert: error: {err}", file=sys.stderr)
-        return 2
+    run(
+        args.out,
+        seed=args.seed,
+        size=args.size,
+        demography=args.demography,
+        train_minutes=args.train_minutes,
+        skip_train=args.skip_train,
+        threads=args.threads,
+        bootstrap=args.bootstrap,
+        hmm=not args.no_hmm,
+        train_overrides=args.overrides,
+        panel_people=args.panel_people,
+        spacing_bp=args.spacing_bp,
+        transfer=args.transfer,
+    )
     return 0
 
 

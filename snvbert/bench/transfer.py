@@ -32,6 +32,7 @@ from typing import Any
 from snvbert.errors import SnvbertError
 from snvbert.evaluate import BIN_LABELS, MAF_BIN_NAMES
 from snvbert.hmm import ibs_by_default
+from snvbert.utils.cli import user_errors_exit
 from snvbert.utils.io import atomic_path
 
 log = logging.getLogger("snvbert.bench.transfer")
@@ -296,6 +297,7 @@ def run(
     return summary
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m snvbert.bench.transfer", description=__doc__.split("\n")[0]
@@ -328,20 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(
-            args.out,
-            source=args.source,
-            only=args.only,
-            train_minutes=args.train_minutes,
-            bootstrap=args.bootstrap,
-            threads=args.threads,
-            overrides=args.overrides or None,
-            reuse=args.rescore,
-        )
-    except SnvbertError as err:
-        print(f"snvbert: error: {err}", file=sys.stderr)
-        return 2
+    run(
+        args.out,
+        source=args.source,
+        only=args.only,
+        train_minutes=args.train_minutes,
+        bootstrap=args.bootstrap,
+        threads=args.threads,
+        overrides=args.overrides or None,
+        reuse=args.rescore,
+    )
     return 0
 
 

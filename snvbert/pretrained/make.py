@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from snvbert.errors import SnvbertError
 from snvbert.pretrained import DEFAULT_CKPT, HERE, strip_checkpoint
+from snvbert.utils.cli import user_errors_exit
 from snvbert.utils.io import atomic_path
 
 log = logging.getLogger("snvbert.pretrained")
@@ -141,6 +141,7 @@ def make(out_dir: str | Path = HERE, work: str | Path = "outputs/pretrained") ->
     return target
 
 
+@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m snvbert.pretrained.make", description=__doc__.split("\n")[0]
@@ -151,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        make(args.out, args.work)
-    except SnvbertError as err:
-        print(f"snvbert: error: {err}", file=sys.stderr)
-        return 2
+    make(args.out, args.work)
     return 0
 
 
