@@ -690,6 +690,7 @@ def impute(
         [name_to_index.get(s, -1 - i) for i, s in enumerate(tgt.samples)], dtype=np.int64
     )
     counts["targets_in_panel"] = int((query_persons >= 0).sum())
+    panel_report = _panel_report(pan, describe, same_panel, n_matched)
     # The targets' own alleles never inform their inputs (as in training, leave them out).
     af_people = np.setdiff1d(ref_persons, query_persons[query_persons >= 0])
     ibs = _resolve_hmm_states(hmm_states, trained_ibs, 2 * len(ref_persons))
@@ -698,7 +699,7 @@ def impute(
         setting["hmm_common_maf"],
         model.net.config.hmm_common_maf,
         run_ibs is not None,
-        _panel_report(pan, describe, same_panel, n_matched)["typed_per_mb"],
+        panel_report["typed_per_mb"],
     )
     af = pan.alt_freq(af_people)
     k_asked = int(k if k is not None else model.retrieval["k"])
@@ -769,7 +770,7 @@ def impute(
         "reference_people": int(len(ref_persons)),
         "k": k_used,
         "k_trained": int(model.retrieval["k"]),
-        "panel": _panel_report(pan, describe, same_panel, n_matched),
+        "panel": panel_report,
         "genetic_map": None if gmap is None else str(gmap),
         "hmm_err": err if err is not None else (None if model.hmm is None else model.hmm.err),
         "hmm_ibs": _plain(run_ibs),
