@@ -72,6 +72,7 @@ from snvbert.hmm import (
     kernel,
 )
 from snvbert.hmm.readout import PanelReadout
+from snvbert.utils.checkpoint import load_checkpoint
 from snvbert.utils.cli import user_errors_exit
 from snvbert.utils.progress import progress as progress_bar
 
@@ -104,17 +105,15 @@ class TrainedModel:
 def load_trained(ckpt: str | Path, device: torch.device) -> TrainedModel:
     """Load a checkpoint written by ``snvbert.train``; errors name the file and what to do.
 
-    The net alone, without Lightning (whose import costs seconds of every imputation)."""
+    The net alone, without Lightning (whose import costs seconds of every imputation), read
+    with ``weights_only=True`` (:func:`snvbert.utils.checkpoint.load_checkpoint`)."""
     from snvbert.model.net import net_from_checkpoint
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise SnvbertError("checkpoint not found; pass ckpt=PATH to a .ckpt file", path=ckpt)
-    try:
-        raw = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise SnvbertError(f"cannot be read as a checkpoint ({err})", path=ckpt) from err
-    describe = (raw.get("SNVDataModule") or {}).get("describe") if isinstance(raw, dict) else None
+    raw = load_checkpoint(ckpt)  # weights_only: a checkpoint runs no code
+    describe = (raw.get("SNVDataModule") or {}).get("describe")
     if not describe:
         raise SnvbertError(
             "holds no description of its training data (SNVDataModule state); pass a checkpoint "

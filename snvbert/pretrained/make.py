@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from snvbert.pretrained import DEFAULT_CKPT, HERE, strip_checkpoint
+from snvbert.utils.checkpoint import load_checkpoint
 from snvbert.utils.cli import user_errors_exit
 from snvbert.utils.io import atomic_path
 
@@ -116,7 +117,7 @@ def make(out_dir: str | Path = HERE, work: str | Path = "outputs/pretrained") ->
         sims.append({**sim, "demography": DEMOGRAPHY, "manifest": manifest})
     panels = "[" + ",".join(str(_sim_dir(work, sim) / "panel.vcf.gz") for sim in SIMULATIONS) + "]"
     ckpt, reached = _train(panels, work, list(RECIPE["overrides"]))
-    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    raw = load_checkpoint(ckpt)
     recipe = {
         "command": "make pretrained (python -m snvbert.pretrained.make)",
         "recipe": RECIPE,
