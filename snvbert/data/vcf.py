@@ -43,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from snvbert.errors import SnvbertError
+from snvbert.utils.io import partial_prefix, remove_stale_partials
 
 CACHE_VERSION = 1
 """Bump when the cache layout or the rules for what is kept change: old caches are then ignored."""
@@ -598,7 +599,8 @@ def _build_cache(
     """Read ``path`` into a temporary directory beside ``final`` and rename it when complete."""
     created_root = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=root))
+    remove_stale_partials(final)  # those of runs killed while they built it
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(final), suffix=".partial", dir=root))
     tmp.chmod(0o755)  # mkdtemp makes it private; a cache is worth sharing
     try:
         _write_cache(path, tmp, fingerprint, options, progress=progress)

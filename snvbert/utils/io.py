@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import subprocess
@@ -33,11 +34,16 @@ def atomic_path(path: str | os.PathLike, *, suffixes: Iterable[str] = ()) -> Ite
 
     ``suffixes`` names companion files written next to the temporary one (such as ``.tbi`` or
     ``.csi``): they are renamed with it, or removed with it on failure. Nothing half-written is
-    ever left at ``path``.
+    ever left at ``path``. The temporary name carries the writer's process id: a process killed
+    outright (SIGKILL, a node lost) cannot remove its own, so the next write of ``path`` removes
+    those of processes that no longer run.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    remove_stale_partials(final)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=partial_prefix(final), suffix=".partial", dir=final.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp makes the file private (0600); outputs get the usual umask-based mode.
@@ -56,6 +62,36 @@ def atomic_path(path: str | os.PathLike, *, suffixes: Iterable[str] = ()) -> Ite
         for leftover in [tmp, *(Path(str(tmp) + s) for s in suffixes)]:
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+
+
+def partial_prefix(final: Path) -> str:
+    """The start of the name of a temporary file or folder that becomes ``final`` when whole:
+    hidden, and with the writing process's id (see :func:`remove_stale_partials`)."""
+    return f".{final.name}.{os.getpid()}."
+
+
+def remove_stale_partials(final: Path) -> None:
+    """Remove the temporary files and folders (``.partial``, and their companions) of writes of
+    ``final`` whose processes were killed; those of running processes stay."""
+    for leftover in final.parent.glob(f".{glob.escape(final.name)}.*.partial*"):
+        pid = leftover.name[len(final.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_bgzipped_vcf(
