@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from snvbert.utils.checkpoint import load_checkpoint
+from snvbert.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,21 @@ class MaskEpochs(L.Callback):
 
     def __init__(self) -> None:
         self._losses: list[float] = []
+        self._epoch = -1  # the epoch whose training losses _losses holds
+
+    # A run killed mid-epoch resumes with the losses of that epoch's batches so far (Lightning
+    # does not call on_train_epoch_start for an epoch it resumes): the curriculum steps on their
+    # mean, as the uninterrupted run's would.
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "losses": list(self._losses)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._epoch = int(state_dict.get("epoch", -1))
+        self._losses = [float(x) for x in state_dict.get("losses", [])]
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._epoch != trainer.current_epoch:
+            self._epoch, self._losses = trainer.current_epoch, []
         dm = _datamodule(trainer)
         if dm is None or not hasattr(dm, "sampler"):
             return
@@ -56,7 +74,6 @@ class MaskEpochs(L.Callback):
                 trainer.current_epoch,
             )
             sampler.set_epoch(trainer.current_epoch)
-        self._losses = []
         level = dm.curriculum.current
         metrics = {
             "data/mask_level": float(dm.curriculum.level),
@@ -76,6 +93,17 @@ class MaskEpochs(L.Callback):
     def val_fingerprint(dm: Any) -> str:
         """Fingerprint of the validation chip (:meth:`SNVDataModule.val_fingerprint`)."""
         return dm.val_fingerprint()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """A batch masked for another epoch is an error, not a silent repeat of old masks."""
+        epochs = batch.get("mask_epoch") if isinstance(batch, dict) else None
+        if epochs is not None and len(epochs) and int(epochs[0]) != trainer.current_epoch:
+            raise RuntimeError(
+                f"training batch {batch_idx} of epoch {trainer.current_epoch} carries the masks "
+                f"of epoch {int(epochs[0])}: the train sampler's epoch was not set"
+            )
 
     def on_train_batch_end(
         self,
@@ -116,10 +144,33 @@ class CurriculumModelCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose "best" is chosen only among epochs at the final level.
 
     ``last.ckpt`` is written at every save point, improvement or not (Lightning 2.6 writes it
-    only when a top-k checkpoint was saved in the same step), so a resume never repeats epochs.
+    only when a top-k checkpoint was saved in the same step), so a resume never repeats epochs,
+    and also every ``last_every_n_steps`` optimizer steps (None: only at save points), so a run
+    killed mid-epoch loses at most that many steps: ``ckpt_path=.../last.ckpt`` resumes it
+    exactly (the same weights and metrics as the run uninterrupted).
     """
 
     _last_written_step = -1
+
+    def __init__(self, *args: Any, last_every_n_steps: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if last_every_n_steps is not None and int(last_every_n_steps) < 1:
+            raise ValueError(f"last_every_n_steps={last_every_n_steps} must be at least 1 or null")
+        self.last_every_n_steps = None if last_every_n_steps is None else int(last_every_n_steps)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.last_every_n_steps
+        if n and self.save_last and not trainer.sanity_checking and trainer.global_step % n == 0:
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         if at_final_level(trainer):
@@ -130,3 +181,30 @@ class CurriculumModelCheckpoint(ModelCheckpoint):
         if self._last_written_step != trainer.global_step:
             self._last_written_step = trainer.global_step
             super()._save_last_checkpoint(trainer, monitor_candidates)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written under a temporary name beside their path and renamed when complete
+    (a kill during the write leaves the previous file whole), and read with
+    ``weights_only=True``: a checkpoint is tensors and plain values, so loading one runs no
+    code from it; one that holds anything else is refused in one line.
+
+    Lightning's own writer stages the file in the system's temporary folder and moves it, a
+    copy (not a rename) wherever that folder is another file system, as on most clusters.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as sink:
+                torch.save(checkpoint, sink)
+                sink.flush()
+                os.fsync(sink.fileno())
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location)

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from snvbert.callbacks import AtomicCheckpointIO
 from snvbert.config import build
 from snvbert.errors import SnvbertError
 from snvbert.model.module import SNVBertModule
@@ -70,17 +71,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     module = build_module(cfg)
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Checkpoints are written atomically and read with weights_only=True (AtomicCheckpointIO).
+    trainer: L.Trainer = build(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     run_config = {k: v for k, v in cfg.items() if k != "hydra"}  # composed configs may carry it
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(OmegaConf.create(run_config), resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.get("test") and not trainer.fast_dev_run:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-        trainer.test(module, datamodule=datamodule, ckpt_path=best)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 

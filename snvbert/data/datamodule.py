@@ -76,9 +76,14 @@ class WindowBatchSampler(Sampler[Descriptor]):
         self.level, self.fixed_epoch = level, fixed_epoch
         self.epoch = 0  # __iter__ runs once before Lightning's first set_epoch(0)
         self.last_level: int | None = None  # the level of the batches last handed out
+        self.skip = 0  # batches of this epoch already trained (a resumed run), left out once
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, done: int) -> None:
+        """Start the next iteration at batch ``done`` of epoch ``epoch`` (a resumed run)."""
+        self.epoch, self.skip = int(epoch), int(done)
 
     @property
     def mask_epoch(self) -> int:
@@ -108,7 +113,7 @@ class WindowBatchSampler(Sampler[Descriptor]):
         return _shard(self.all_descriptors(), *self._rank_world())
 
     def __iter__(self):
-        return iter(self.descriptors())
+        return _resumed(self, self.descriptors())
 
     def n_batches(self) -> int:
         return self.n_windows * math.ceil(len(self.persons) / self.batch_persons)
@@ -137,9 +142,15 @@ class PanelMixtureSampler(Sampler[tuple]):
         first = self.parts[0]
         self.seed, self.stream, self.shuffle = first.seed, first.stream, first.shuffle
 
+        self.skip = 0
+
     def set_epoch(self, epoch: int) -> None:
         for part in self.parts:
             part.set_epoch(epoch)
+
+    def resume_at(self, epoch: int, done: int) -> None:
+        self.set_epoch(epoch)
+        self.skip = int(done)
 
     @property
     def epoch(self) -> int:
@@ -165,11 +176,33 @@ class PanelMixtureSampler(Sampler[tuple]):
         return _shard(out, *self.parts[0]._rank_world())
 
     def __iter__(self):
-        return iter(self.descriptors())
+        return _resumed(self, self.descriptors())
 
     def __len__(self) -> int:
         n = sum(part.n_batches() for part in self.parts)
         return math.ceil(n / self.parts[0]._rank_world()[1])
+
+
+def _resumed(sampler: WindowBatchSampler | PanelMixtureSampler, out: list) -> Any:
+    """An iterator over ``out`` past the batches a resumed run already trained (once)."""
+    skip, sampler.skip = sampler.skip, 0
+    return iter(out[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable in Lightning's sense (``state_dict``): its state is
+    where training stands in the epoch (:meth:`SNVDataModule.train_position`), loaded back into
+    the sampler when Lightning resumes mid-epoch."""
+
+    def __init__(self, *args: Any, position: Callable[[], dict[str, int]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> dict[str, int]:
+        return self._position()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_at(int(state["epoch"]), int(state["done"]))
 
 
 def _spread(n: int, seed: int) -> np.ndarray:
@@ -636,7 +669,11 @@ class SNVDataModule(L.LightningDataModule):
                 raise SnvbertError(
                     f"the {split} split has no people; change data.split.fractions", path=part.path
                 )
-        return DataLoader(
+        extra: dict[str, Any] = {}
+        loader: type[DataLoader] = DataLoader
+        if split == "train":
+            loader, extra = ResumableLoader, {"position": self.train_position}
+        return loader(
             self.dataset,
             sampler=self.sampler(split),
             batch_size=None,
@@ -644,7 +681,26 @@ class SNVDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
+            **extra,
         )
+
+    def train_position(self) -> dict[str, int]:
+        """Where training resumes: the epoch and the batches of it already processed.
+
+        Saved in every checkpoint (here and as the training loader's state). Lightning makes
+        the training iterator before it calls ``set_epoch``, so a resumed run's sampler is set
+        from this when the checkpoint is loaded: a checkpoint written mid-epoch resumes at the
+        next batch of that epoch, in its order and with its masks; one written at the end of
+        an epoch starts the next epoch (not epoch 0's masks again).
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {"epoch": self.sampler("train").epoch, "done": 0}
+        epoch = trainer.current_epoch
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        if done >= trainer.num_training_batches:
+            return {"epoch": epoch + 1, "done": 0}
+        return {"epoch": epoch, "done": done}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -679,12 +735,17 @@ class SNVDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the curriculum (for resume) and what imputation needs."""
         state: dict[str, Any] = {"curriculum": self.curriculum.state_dict()}
+        if self.parts:
+            state["train_position"] = self.train_position()
         if self.panel is not None:
             state["describe"] = self.describe()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.curriculum.load_state_dict(state_dict["curriculum"])
+        position = state_dict.get("train_position")
+        if position is not None and self.parts:
+            self.sampler("train").resume_at(int(position["epoch"]), int(position["done"]))
 
     def describe(self) -> dict[str, Any]:
         """What imputation needs to rebuild the same windows and inputs (saved in checkpoints)."""

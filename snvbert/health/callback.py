@@ -123,6 +123,7 @@ class TrainingHealth(L.Callback):
         self.align_samples = int(align_samples)
         self.write_json, self.print_summary = bool(write_json), bool(print_summary)
         self.results: dict[str, CheckResult] = {}
+        self._restored: dict[str, Any] | None = None
         self.reset()
 
     # -- state -------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ class TrainingHealth(L.Callback):
             "validation": [],
         }
         self._check_step: int | None = None  # optimizer step being checked, if any
-        self._step_offset = 0  # global step at fit start (a resumed run checks its first step)
+        self._step_offset: int | None = 0  # global step at fit start (its first is checked)
         self._snapshot: _Snapshot | None = None
         self._grad_ratios: dict[str, float] = {}
         self._fusion: list[FusionFigures] = []  # every check's, for the collapse's patience
@@ -152,11 +153,43 @@ class TrainingHealth(L.Callback):
         self.json_path: Path | None = None
         self.steps = 0
 
+    # Everything a run has recorded, as plain values (checkpoints load with weights_only): a
+    # resumed run carries on the same record, and its health.json is the uninterrupted run's.
     def state_dict(self) -> dict[str, Any]:
-        return {"warned": sorted(map(list, self.warned))}
+        return {
+            "warned": sorted(map(list, self.warned)),
+            "results": {name: asdict(r) for name, r in self.results.items()},
+            "events": self.events,
+            "history": self.history,
+            "fusion": [list(f) for f in self._fusion],
+            "nonfinite_loss": None if self._nonfinite_loss is None else int(self._nonfinite_loss),
+            "loss_sum": None if self._loss_sum is None else float(self._loss_sum),
+            "loss_count": self._loss_count,
+            "epoch_final": self._epoch_final,
+            "val_ran": self._val_ran,
+            "rng": self._rng.bit_generator.state,
+            "val_fingerprint": self.val_fingerprint,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.warned = {tuple(x) for x in state_dict.get("warned", [])}
+        self._restored = dict(state_dict)
+
+    def _restore(self, state: dict[str, Any], device: torch.device) -> None:
+        """The record of :meth:`state_dict` back (a state of an older version: its warnings)."""
+        self.warned = {tuple(x) for x in state.get("warned", [])}
+        if "results" not in state:
+            return
+        self.results = {name: CheckResult(**r) for name, r in state["results"].items()}
+        self.events, self.history = list(state["events"]), dict(state["history"])
+        self._fusion = [FusionFigures(*f) for f in state["fusion"]]
+        as_tensor = lambda v: None if v is None else torch.tensor(v, device=device)  # noqa: E731
+        self._nonfinite_loss = as_tensor(state["nonfinite_loss"])
+        self._loss_sum = as_tensor(state["loss_sum"])
+        self._loss_count = int(state["loss_count"])
+        self._epoch_final, self._val_ran = state["epoch_final"], bool(state["val_ran"])
+        self._rng.bit_generator.state = state["rng"]
+        self.val_fingerprint = state["val_fingerprint"]
+        self._step_offset = None  # the record goes on: no extra check at the first step
 
     # -- reporting ---------------------------------------------------------------------------
     def _apply(self, verdicts: Iterable[Verdict], step: int | None) -> None:
@@ -215,10 +248,11 @@ class TrainingHealth(L.Callback):
 
     # -- fit start / end ---------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        warned = self.warned
         self.reset()
-        self.warned = warned  # restored from a checkpoint on resume: do not repeat warnings
-        self._step_offset = trainer.global_step
+        self._step_offset = trainer.global_step  # a run's first step is checked
+        restored, self._restored = self._restored, None
+        if restored is not None:  # resumed from a checkpoint: the record goes on
+            self._restore(restored, pl_module.device)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer)
@@ -427,6 +461,8 @@ class TrainingHealth(L.Callback):
 
     # -- validation and epochs ---------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # (Lightning does not call this for an epoch a run resumes mid-way: its record so far,
+        # restored, goes on)
         cur = getattr(getattr(trainer, "datamodule", None), "curriculum", None)
         # Read now: the curriculum may step at this epoch's end before our epoch-end hook runs.
         self._epoch_final = True if cur is None else bool(cur.is_final)

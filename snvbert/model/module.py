@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from importlib.resources import files
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor
@@ -22,6 +24,30 @@ log = logging.getLogger(__name__)
 # conf/train.yaml as written: the defaults of `loss.*` and `compile` below are its values, so a
 # module built in Python trains as `python -m snvbert.train` does (the YAML is their one place).
 TRAIN_DEFAULTS = OmegaConf.create((files("snvbert.conf") / "train.yaml").read_text())
+
+
+def rng_states() -> dict[str, Any]:
+    """torch's (CPU and each GPU's), numpy's global and Python's RNG states, as tensors and
+    plain values."""
+    mt, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the global one)
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [mt, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Set the RNGs to what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    mt, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((mt, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def n_hidden(batch: Mapping[str, Tensor]) -> int:
@@ -192,6 +218,23 @@ class SNVBertModule(L.LightningModule):
         log.info(msg)
         if self.trainer.is_global_zero:
             print(msg, flush=True)
+
+    # -- exact resume: the random number generators --------------------------------------------
+    # Lightning restores weights, optimizer, schedule, loops and callbacks but not the RNGs
+    # (dropout draws from torch's). Their states at the checkpoint are saved as plain values
+    # (weights_only loading) and set again just before the first batch a resumed run trains,
+    # so that nothing drawn while resuming (the loader's base seed, say) shifts them.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        states = getattr(self, "_rng_to_restore", None)
+        if states is not None:
+            self._rng_to_restore = None
+            set_rng_states(states)
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.optimizer_factory is None or self.hparams.lr is None:
