@@ -299,7 +299,7 @@ def test_best_checkpoint_is_from_the_final_level_and_resume_continues(tmp_path, 
     ckpt_dir = tmp_path / "run" / "checkpoints"
     # every final-level epoch is kept (save_top_k=-1); epoch 0 trained at level 0 must not be
     assert sorted(p.name for p in ckpt_dir.glob("epoch*.ckpt")) == ["epoch001.ckpt"]
-    last = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert last["global_step"] == objects["trainer"].global_step == 6
     assert last["SNVDataModule"]["curriculum"]["level"] == 1
 
@@ -332,7 +332,7 @@ def test_weight_averaging_checkpoints_and_imputes_the_average(tmp_path, tiny_sim
         "+callbacks.weight_averaging.update_starting_at_step=${trainer.limit_train_batches}",
     )
     train(cfg)
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     average, current = last["state_dict"], last["current_model_state"]
     assert average.keys() == current.keys()
     moved = [k for k in average if not torch.equal(average[k], current[k])]
@@ -385,7 +385,7 @@ def test_training_on_two_panels_sees_both_and_its_checkpoint_imputes(
     retrieval = health.summary()["checks"]["retrieval"]
     assert retrieval["status"] == "ok" and "aligned" in retrieval["figure"], retrieval
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    described = torch.load(ckpt, weights_only=False)["SNVDataModule"]["describe"]
+    described = torch.load(ckpt, weights_only=True)["SNVDataModule"]["describe"]
     assert [p["haplotypes"] for p in described["panels"]] == [120, 40]
     for sim, own in ((tiny_sim, True), (other, False)):
         summary = impute(
