@@ -58,7 +58,7 @@ from snvbert.data.batch import MASK, assemble_batch, panel_inputs
 from snvbert.data.encoding import call_code, plus_minus
 from snvbert.data.genetic_map import genetic_positions
 from snvbert.data.retrieval import Retriever, retrieve
-from snvbert.data.sites import prepare_target
+from snvbert.data.sites import in_region, parse_region, prepare_target
 from snvbert.data.vcf import Panel, load_panel
 from snvbert.data.vcf_writer import write_imputed
 from snvbert.data.windows import Window, make_windows
@@ -572,6 +572,7 @@ def impute(
     threads: int | None = None,
     progress: bool | None = None,
     gp: bool | None = None,
+    region: str | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Impute ``target`` against ``panel`` with the model in ``ckpt``; write ``out``.
@@ -595,8 +596,9 @@ def impute(
     states and an array of at least :data:`AUTO_COMMON_MAF_MIN_DENSITY` typed sites per Mb,
     none otherwise; ``train``: the checkpoint's; ``off``: none); ``cache_dir``; ``threads`` the
     CPU threads of torch and the compiled HMM (None: every core); ``progress``; ``gp``
-    whether the output carries GP beside GT and DS. Returns a summary: site counts by kind and
-    every adjustment.
+    whether the output carries GP beside GT and DS; ``region`` ``CHR:START-END``, a chunk:
+    only the sites in it are read and written (:mod:`snvbert.merge` ligates chunks). Returns
+    a summary: site counts by kind and every adjustment.
     """
     setting = filled(
         "impute",
@@ -615,6 +617,7 @@ def impute(
             "threads": threads,
             "progress": progress,
             "gp": gp,
+            "region": region,
         },
     )
     batch_size, device, precision = setting["batch_size"], setting["device"], setting["precision"]
@@ -660,11 +663,16 @@ def impute(
     trained_ibs = None if model.hmm is None else model.hmm.ibs
 
     pan = load_panel(panel_path, cache_dir=cache_dir, progress=progress)
+    span = None if setting["region"] is None else parse_region(setting["region"], pan.chrom)
+    if span is not None:  # a chunk: only the panel's and the target's sites in it
+        pan = in_region(pan, *span)
+        if pan.n_sites == 0:
+            raise SnvbertError(f"region={setting['region']} holds no panel site", path=panel_path)
     # Any panel: windows, retrieval context and HMM are rebuilt on this one with the
     # checkpoint's settings; what was trained stays fixed (the inputs are the same kind of
     # numbers on any panel). What differs from the training panel is reported, not refused.
     same_panel = pan.fingerprint == describe["panel_fingerprint"]
-    tgt, match, calls = prepare_target(pan, target_path, panel_path)
+    tgt, match, calls = prepare_target(pan, target_path, panel_path, span)
     n_matched = len(match.panel_index)
     counts = dict(match.counts)
     counts["chr_renamed"] = tgt.n_sites if tgt.chrom != pan.chrom else 0
@@ -763,6 +771,7 @@ def impute(
     seconds = time.perf_counter() - started
     summary = {
         "out": str(out),
+        "region": None if span is None else f"{pan.chrom}:{span[0]}-{span[1]}",
         "ckpt": str(ckpt),
         "shipped_model": shipped,
         "targets": tgt.n_samples,
@@ -826,7 +835,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         key.removeprefix("skipped_"): v for key, v in a.items() if key.startswith("skipped_") and v
     }
     lines = [
-        f"wrote      {summary['out']} ({s['written']:,} records, {summary['targets']:,} people)",
+        f"wrote      {summary['out']} ({s['written']:,} records, {summary['targets']:,} people"
+        + (f", region {summary['region']})" if summary.get("region") else ")"),
         f"imputed    {s['imputed']:,} panel sites absent from the target, and "
         f"{s['missing_calls_imputed']:,} missing calls at typed sites",
         f"typed      {s['typed']:,} target sites matched to the panel "
@@ -923,6 +933,7 @@ def main(cfg: DictConfig) -> None:
         threads=cfg.threads,
         progress=cfg.progress,
         gp=cfg.gp,
+        region=cfg.region,
         command="python -m snvbert.impute " + " ".join(sys.argv[1:]),
     )
     print(format_summary(summary), flush=True)

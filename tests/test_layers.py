@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "snvbert.evaluate": 7,
     "snvbert.diagnose": 7,
     "snvbert.demo": 7,
+    "snvbert.merge": 7,
     "snvbert.bench": 8,
     "snvbert.pretrained.make": 8,  # trains the shipped model (make pretrained)
 }

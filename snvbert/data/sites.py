@@ -10,7 +10,8 @@ and the classical HMM imputer alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +112,41 @@ def _check_phased(target: Target, panel_path: Path) -> None:
     )
 
 
+def parse_region(text: str, chrom: str) -> tuple[int, int]:
+    """``CHR:START-END`` (1-based, inclusive; commas allowed, ``chr`` prefix as the panel's or
+    not) as (start, end) on the panel's chromosome ``chrom``."""
+    found = re.fullmatch(r"\s*([^:\s]+):([\d,]+)-([\d,]+)\s*", str(text))
+    if not found:
+        raise SnvbertError(f"region={text} is not CHR:START-END (e.g. {chrom}:1000000-21000000)")
+    name, start, end = (
+        found.group(1),
+        int(found.group(2).replace(",", "")),
+        int(found.group(3).replace(",", "")),
+    )
+    if name.removeprefix("chr") != chrom.removeprefix("chr"):
+        raise SnvbertError(f"region={text} is on {name}, and the panel holds chromosome {chrom}")
+    if start < 1 or end < start:
+        raise SnvbertError(f"region={text}: START must be at least 1 and END at least START")
+    return start, end
+
+
+def in_region(data: Panel | Target, start: int, end: int) -> Panel | Target:
+    """The sites of a panel or target with start <= POS <= end (a view: nothing is copied)."""
+    lo, hi = np.searchsorted(data.pos, [start, end + 1])
+    rows = slice(int(lo), int(hi))
+    common = {"pos": data.pos[rows], "ref": data.ref[rows], "alt": data.alt[rows]}
+    if isinstance(data, Panel):
+        return replace(data, **common, haplotypes=data.haplotypes[rows])
+    return replace(data, **common, genotypes=data.genotypes[rows], phased=data.phased[rows])
+
+
 def prepare_target(
-    pan: Panel, target_path: Path, panel_path: Path
+    pan: Panel, target_path: Path, panel_path: Path, region: tuple[int, int] | None = None
 ) -> tuple[Target, SiteMatch, np.ndarray]:
     """Read, check and match a target: (target, site match, alleles at matched panel sites).
 
     The alleles (m, 2n) int8 are recoded where REF/ALT were swapped; -1 = missing call.
+    ``region`` (start, end): only the target's sites in it (``pan`` already restricted to it).
     """
     try:
         tgt = read_target(target_path, chrom=pan.chrom)
@@ -127,6 +157,8 @@ def prepare_target(
                 "impute each chromosome against its own panel"
             ) from err
         raise
+    if region is not None:
+        tgt = in_region(tgt, *region)
     _check_phased(tgt, panel_path)
     match = match_sites(pan, tgt)
     n_matched = len(match.panel_index)

@@ -1,5 +1,6 @@
 """The imputed VCF: phased GT and DS (and GP, ``gp=True``) per sample, AF, DR2 and IMP per site, as
-Beagle 5 writes them (GP is Beagle's ``gp=true``; its default, like ours, leaves it out).
+Beagle 5 writes them (GP is Beagle's ``gp=true``; its default, like ours, leaves it out), and
+DOSESUMS, the sums AF and DR2 are made from, so target batches merge exactly.
 
 Typed calls are written as given, predictions elsewhere, target-only sites passed through; the
 file is bgzipped, tabix-indexed and written atomically (:func:`snvbert.utils.io.write_bgzipped_vcf`).
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,23 +139,63 @@ def _format_missing_row(p: np.ndarray, gp: bool) -> bytes:
     return ("\t".join(fields) + "\n").encode()
 
 
-def dosage_r2(p: np.ndarray) -> np.ndarray:
-    """Beagle 5's DR2 per row, from haplotype ALT probabilities p (rows, 2 * n_samples).
+# The sums of AF and DR2 are exact integers: each P(ALT) on a grid of 2^-24 (below the precision
+# of DS and DR2 as written), DS in units of 2^-24, DS^2 and p1 p2 in units of 2^-48, summed in
+# int64 over at most _SUM_SAMPLES samples at once (no overflow), then as Python integers. So
+# sums of several batches are exactly the sums of one run over all of them.
+_GRID = 1 << 24
+_SUM_SAMPLES = 4096
 
-    The estimated squared correlation of estimated and true ALT dose: the variance of the
-    dosages over the variance the true dose has under the same posteriors,
-    [sum DS^2 - (sum DS)^2 / n] / [sum E(X^2) - (sum DS)^2 / n], with E(X^2) = P(het) + 4 P(hom
-    alt); 0 for a monomorphic site (Beagle's R2Estimator.doseR2).
+
+def dose_sums(p: np.ndarray) -> np.ndarray:
+    """The sufficient statistics of each site's AF and DR2, (rows, 4) of Python integers: over
+    the samples called there, with p1, p2 each haplotype's P(ALT) on the 2^-24 grid, the sums of
+    DS = p1 + p2 (units of 2^-24), of DS^2 and of p1 p2 (units of 2^-48), and the number of
+    samples. Several target batches' sums add up exactly to those of one run over all of them
+    (the INFO field DOSESUMS; ``python -m snvbert.merge``).
+
+    p (rows, 2 * n_samples) haplotype ALT probabilities, NaN where a call is missing.
     """
-    p1, p2 = p[:, 0::2].astype(np.float64), p[:, 1::2].astype(np.float64)
-    n = p1.shape[1]
-    ds = p1 + p2
-    ex2 = p1 * (1 - p2) + (1 - p1) * p2 + 4 * p1 * p2
-    mean_term = ds.sum(1) ** 2 / n
-    num = np.maximum((ds * ds).sum(1) - mean_term, 0.0)
-    den = ex2.sum(1) - mean_term
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den < 1e-8, 0.0, num / den)
+    rows = p.shape[0]
+    out = np.zeros((rows, 4), dtype=object)
+    out[:] = 0
+    for start in range(0, max(p.shape[1] // 2, 1), _SUM_SAMPLES):
+        q = p[:, 2 * start : 2 * (start + _SUM_SAMPLES)].astype(np.float64)
+        called = ~np.isnan(q[:, 0::2] + q[:, 1::2])
+        k = np.rint(np.where(np.isnan(q), 0.0, q) * _GRID).astype(np.int64)
+        k1, k2 = np.where(called, k[:, 0::2], 0), np.where(called, k[:, 1::2], 0)
+        ds = k1 + k2
+        part = np.stack([ds.sum(1), (ds * ds).sum(1), (k1 * k2).sum(1), called.sum(1)], 1)
+        out += part.astype(object)  # Python integers from here: exact, unbounded
+    return out
+
+
+def af_dr2(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AF (mean dose / 2; NaN with no call) and Beagle 5's DR2 from :func:`dose_sums`.
+
+    DR2 is the estimated squared correlation of estimated and true ALT dose: the variance of
+    the dosages over the variance the true dose has under the same posteriors,
+    [sum DS^2 - (sum DS)^2 / n] / [sum E(X^2) - (sum DS)^2 / n] with E(X^2) = P(het) + 4 P(hom
+    alt) = DS + 2 p1 p2; 0 for a monomorphic site (Beagle's R2Estimator.doseR2). Computed from
+    the integer sums exactly, then divided once.
+    """
+    af = np.full(len(sums), np.nan)
+    dr2 = np.zeros(len(sums))
+    for i, (a, b, c, n) in enumerate(sums):
+        a, b, c, n = int(a), int(b), int(c), int(n)
+        if n == 0:
+            continue
+        af[i] = a / (2 * n * _GRID)
+        num = max(n * b - a * a, 0)  # n S^2 (sum DS^2 - (sum DS)^2 / n)
+        den = n * (a * _GRID + 2 * c) - a * a  # n S^2 (sum E(X^2) - (sum DS)^2 / n)
+        if den / (n * _GRID * _GRID) >= 1e-8:
+            dr2[i] = num / den
+    return af, dr2
+
+
+def dosage_r2(p: np.ndarray) -> np.ndarray:
+    """Beagle 5's DR2 per row (:func:`af_dr2`) from haplotype ALT probabilities (rows, 2n)."""
+    return af_dr2(dose_sums(p))[1]
 
 
 @dataclass
@@ -180,15 +221,12 @@ def _vcf_lines(records: _Records, header: list[str], gp: bool) -> Iterator[bytes
         p = p_all[start:stop]
         complete = ~np.isnan(p).any(1)
         block = format_samples(np.where(np.isnan(p), 0.0, p), gp)
-        ds = p[:, 0::2].astype(np.float64) + p[:, 1::2]
-        af = np.nanmean(ds, axis=1) / 2 if p.shape[1] else np.zeros(len(p))
-        dr2 = dosage_r2(np.where(np.isnan(p), 0.0, p))
+        sums = dose_sums(p)
+        af, dr2 = af_dr2(sums)
         parts: list[bytes] = []
         for i in range(stop - start):
             row = start + i
-            info = f"AF={_fmt_af(af[i])}"
-            if not records.passthrough[row]:
-                info += f";DR2={dr2[i]:.2f}"
+            info = info_field(af[i], None if records.passthrough[row] else dr2[i], sums[i])
             if records.imputed[row]:
                 info += ";IMP"
             parts.append(
@@ -201,6 +239,15 @@ def _vcf_lines(records: _Records, header: list[str], gp: bool) -> Iterator[bytes
 
 def _fmt_af(x: float) -> str:
     return "." if not math.isfinite(x) else f"{x:.4g}"
+
+
+def info_field(af: float, dr2: float | None, sums: Sequence[int]) -> str:
+    """``AF=..;DR2=..;DOSESUMS=a|b|c|n`` (DR2 left out for a pass-through site): the exact
+    integer sums of :func:`dose_sums`, so that batches merge to one run's values."""
+    info = f"AF={_fmt_af(af)}"
+    if dr2 is not None:
+        info += f";DR2={dr2:.2f}"
+    return info + ";DOSESUMS=" + "|".join(str(int(x)) for x in sums)
 
 
 def _contig_length(panel_path: Path, chrom: str) -> int | None:
@@ -235,6 +282,10 @@ def _header(
         '##INFO=<ID=DR2,Number=A,Type=Float,Description="Dosage R-squared: estimated squared '
         'correlation between estimated and true ALT dose (Beagle 5 definition)">',
         '##INFO=<ID=IMP,Number=0,Type=Flag,Description="Imputed marker">',
+        '##INFO=<ID=DOSESUMS,Number=1,Type=String,Description="Over the called samples, with p1 '
+        "and p2 the haplotype ALT probabilities on a 2^-24 grid: sums of DS (units of 2^-24), "
+        "DS^2 and p1*p2 (units of 2^-48), and the number of samples, as a|b|c|n; the exact "
+        'sufficient statistics of AF and DR2, which add up across target batches (snvbert.merge)">',
         '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">',
         '##FORMAT=<ID=DS,Number=A,Type=Float,Description="Estimated ALT dose [P(RA) + 2*P(AA)]">',
         *(
