@@ -211,6 +211,25 @@ def _calibration(est: np.ndarray, true: np.ndarray) -> dict[str, Any]:
     return {"sites": int(ok.sum()), "pearson_r": corr, "bins": rows}
 
 
+def _dr2_error(est: np.ndarray, dosage: np.ndarray, truth: np.ndarray, groups: np.ndarray) -> dict:
+    """Mean |estimated r² - true per-site r²| per MAF bin and overall, over the sites whose
+    true genotypes vary among the people scored. A constant dosage there carries no
+    information: its true r² is 0 (not left out, so that every tool is scored on the same
+    sites)."""
+    true = per_site_r2(dosage, truth)
+    varies = np.nanvar(truth, axis=1) > 1e-12
+    true = np.where(varies & np.isnan(true), 0.0, true)
+    ok = varies & np.isfinite(est) & np.isfinite(true)
+    err = np.abs(est - true)
+    out = {
+        name: _num(err[ok & (groups == b)].mean()) if (ok & (groups == b)).any() else None
+        for b, name in enumerate(MAF_BIN_NAMES)
+    }
+    out["all"] = _num(err[ok].mean()) if ok.any() else None
+    out["sites"] = int(ok.sum())
+    return out
+
+
 def _score(
     imp: Imputed, truth: np.ndarray, af: np.ndarray, groups: np.ndarray, bootstrap: int, seed: int
 ) -> dict[str, Any]:
@@ -235,6 +254,7 @@ def _score(
     out["r2_field"] = imp.r2_field
     if imp.r2_field is not None:
         out["calibration"] = _calibration(imp.est_r2[present], site_r2)
+        out["dr2_error"] = _dr2_error(imp.est_r2[present], imp.dosage[present], y, g)
     if bootstrap > 0:
         rng = np.random.default_rng(seed)
         p = stats.shape[0]
@@ -430,6 +450,13 @@ def format_table(result: dict[str, Any]) -> str:
     header = ["metric", "sites", *inputs]
     body = [[label, n, *(cell(m, key) for m in inputs.values())] for label, key, n in rows]
     body.append(["sites scored", "", *(f"{m['sites']:,}" for m in inputs.values())])
+    if any(m.get("dr2_error") for m in inputs.values()):  # the estimated r²'s calibration
+        for lab, key in [*zip(BIN_LABELS, MAF_BIN_NAMES, strict=True), ("overall", "all")]:
+            errors = [(m.get("dr2_error") or {}).get(key) for m in inputs.values()]
+            body.append(
+                [f"|est r2 - r2| MAF {lab}" if key != "all" else "|est r2 - r2| overall", ""]
+                + ["-" if e is None else f"{e:.3f}" for e in errors]
+            )
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = [
         "  ".join(

@@ -133,6 +133,11 @@ def test_pooled_r2_matches_a_hand_computation_minor_allele_coded(
         assert (tmp_path / "eval" / name).stat().st_size > 0
     assert m["r2_field"] == "DR2"
     assert "imputed" in format_table(res)
+    # the estimated r² (DR2=0.9 at both sites) against each site's true r², by MAF bin
+    want = (abs(0.9 - _r2(d[s200], t[s200])) + abs(0.9 - _r2(d[s300], t[s300]))) / 2
+    assert m["dr2_error"]["r2_maf_0.05_0.5"] == pytest.approx(want, abs=1e-6)
+    assert m["dr2_error"]["all"] == pytest.approx(want, abs=1e-6) and m["dr2_error"]["sites"] == 2
+    assert "|est r2 - r2| MAF [0.05, 0.5]" in format_table(res)
 
 
 def test_compare_files_get_their_own_columns(hand: dict) -> None:
