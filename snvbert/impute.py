@@ -57,7 +57,7 @@ from snvbert.config import filled
 from snvbert.data.batch import MASK, assemble_batch, panel_inputs
 from snvbert.data.encoding import call_code, plus_minus
 from snvbert.data.genetic_map import genetic_positions
-from snvbert.data.retrieval import Retriever, retrieve
+from snvbert.data.retrieval import INDEXES, Retriever, retrieve
 from snvbert.data.sites import in_region, parse_region, prepare_target
 from snvbert.data.vcf import Panel, load_panel
 from snvbert.data.vcf_writer import write_imputed
@@ -563,6 +563,7 @@ def impute(
     precision: str | None = None,
     reference: str | None = None,
     k: int | None = None,
+    retrieval_index: str | None = None,
     genetic_map: str | Path | None = None,
     hmm_err: str | float | None = None,
     hmm_states: str | None = None,
@@ -584,7 +585,8 @@ def impute(
     the retrieval panel: ``all`` panel people (the targets are outside people, as for Beagle)
     or only the ``train`` people of the checkpoint (its training panel only); ``k`` neighbours
     per query (the YAML's null: as in training; shrunk to the haplotypes a query may copy);
-    ``genetic_map`` a PLINK map for the HMM's switch rates (null: on the training panel the map
+    ``retrieval_index`` the neighbour search (None: as trained; ``flat`` exact, ``ivf`` or
+    ``hnsw`` faiss's approximate indexes, built once per window); ``genetic_map`` a PLINK map for the HMM's switch rates (null: on the training panel the map
     the model was trained with, if any; on another panel a constant 1 cM/Mb); ``hmm_err`` the
     HMM's mismatch rate: ``auto`` fits it to the targets (:func:`fit_hmm_err`), ``train`` keeps
     the training value, a number sets it; ``hmm_states`` the panel-state HMM's states (:func:`_resolve_hmm_states`);
@@ -608,6 +610,7 @@ def impute(
             "precision": precision,
             "reference": reference,
             "retrieval.k": k,
+            "retrieval.index": retrieval_index,
             "genetic_map": genetic_map,
             "hmm_err": hmm_err,
             "hmm_states": hmm_states,
@@ -649,6 +652,12 @@ def impute(
 
         ckpt = default_checkpoint()
     model = load_trained(ckpt, dev)
+    if setting["retrieval.index"] is not None:  # exact (flat) or approximate faiss search
+        index = str(setting["retrieval.index"])
+        if index not in INDEXES:
+            raise SnvbertError(f"retrieval.index={index} must be one of {', '.join(INDEXES)}")
+        engine = "faiss" if index != "flat" else model.retrieval["engine"]
+        model.retrieval.update(index=index, engine=engine)
     certain = _resolve_hmm_certain(setting["hmm_certain"], model.net.config.hmm_certain)
     if certain is not None:
         if not 0.0 <= float(certain) < 0.5:
@@ -778,6 +787,7 @@ def impute(
         "reference_people": int(len(ref_persons)),
         "k": k_used,
         "k_trained": int(model.retrieval["k"]),
+        "retrieval_index": str(model.retrieval["index"]),
         "panel": panel_report,
         "genetic_map": None if gmap is None else str(gmap),
         "hmm_err": err if err is not None else (None if model.hmm is None else model.hmm.err),
@@ -882,6 +892,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(
         f"reference  {summary['reference_people']:,} panel people, k={summary['k']}"
         + (k_note if shrunk else "")
+        + (
+            f", approximate search ({summary['retrieval_index']})"
+            if summary.get("retrieval_index", "flat") != "flat"
+            else ""
+        )
     )
     if summary.get("hmm_err") is not None:
         ibs = summary.get("hmm_ibs")
@@ -924,6 +939,7 @@ def main(cfg: DictConfig) -> None:
         precision=str(cfg.precision),
         reference=cfg.reference,
         k=cfg.retrieval.k,
+        retrieval_index=cfg.retrieval.index,
         genetic_map=cfg.genetic_map,
         hmm_err=cfg.hmm_err,
         hmm_states=str(cfg.hmm_states),

@@ -366,6 +366,30 @@ def test_approximate_indexes_find_most_neighbours():
         assert recall >= 0.7, (index, recall)
 
 
+@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
+def test_a_faiss_index_is_built_once_per_window_and_serves_every_batch(index):
+    """Imputation searches one window's panel once per batch of people: the index is built at
+    the first batch and reused (the same results as a fresh index each time); another window
+    (another panel tensor) or other observed columns build a new one."""
+    rng = np.random.default_rng(2)
+    panel = torch.from_numpy(rng.choice([-1, 1], size=(400, 60)).astype(np.float32))
+    jitter = torch.from_numpy(rng.random(400).astype(np.float32) * 0.5)
+    chip = torch.zeros(60, dtype=torch.bool)
+    chip[::3] = True
+    settings = {"k": 10, "engine": "faiss", "index": index, "nlist": 8, "nprobe": 8}
+    reused = retriever(**settings)
+    for batch in range(3):
+        query = torch.from_numpy(rng.choice([-1, 1], size=(8, 60)).astype(np.float32)) * chip
+        got = reused.search(query, panel, jitter)
+        fresh = retriever(**settings).search(query, panel, jitter)
+        assert all(torch.equal(a, b) for a, b in zip(got, fresh, strict=True)), batch
+    assert reused.index_builds == 1
+    reused.search(query, panel.clone(), jitter)  # the next window
+    assert reused.index_builds == 2
+    reused.search(query * (torch.arange(60) != 0), panel, jitter)  # other columns observed
+    assert reused.index_builds == 3
+
+
 def test_ties_are_broken_by_seed_not_panel_index():
     panel = torch.ones(200, 30)  # all identical: every panel haplotype ties
     query = torch.ones(1, 30)

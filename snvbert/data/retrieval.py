@@ -73,6 +73,14 @@ class Retriever:
         self.nlist, self.nprobe, self.hnsw_m = nlist, nprobe, hnsw_m
         # Most observed context columns the per-site features (runs, HMM) look at.
         self.feature_sites = None if feature_sites is None else int(feature_sites)
+        # The faiss index of the last panel searched, reused while the same panel tensor (one
+        # window's context: imputation searches it once per batch of people) and the same
+        # observed columns come back; index_builds counts the indexes built.
+        self._index: tuple[Tensor, Tensor, Tensor, Any] | None = None
+        self.index_builds = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_index": None}  # a faiss index does not travel (workers, DDP)
 
     def settings(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this retriever (saved in checkpoints)."""
@@ -90,13 +98,14 @@ class Retriever:
         rows are allowed the tail is padded with valid=False.
         """
         observed = (query != 0).any(0)  # (C,) columns any query observes
+        key = (panel, jitter, observed)  # what a faiss index is built from
         if not bool(observed.all()):  # sparse (array) masks: search the typed columns only
             query, panel = query[:, observed], panel[:, observed]
         query, panel = query.float(), panel.float()
         if self.engine == "torch":
             scores, idx = self._search_torch(query, panel, jitter, exclude)
         else:
-            scores, idx = self._search_faiss(query, panel, jitter, exclude)
+            scores, idx = self._search_faiss(query, panel, jitter, exclude, key)
         valid = torch.isfinite(scores)
         idx = torch.where(valid, idx, torch.zeros_like(idx))
         scores = torch.where(valid, scores.floor(), torch.zeros_like(scores))  # drop the jitter
@@ -117,15 +126,23 @@ class Retriever:
             scores.masked_fill_(exclude, float("-inf"))
         return torch.topk(scores, min(self.k, panel.shape[0]), dim=1, sorted=True)
 
-    def _search_faiss(
-        self, query: Tensor, panel: Tensor, jitter: Tensor, exclude: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+    def _faiss_index(
+        self, panel: Tensor, jitter: Tensor, key: tuple[Tensor, Tensor, Tensor]
+    ) -> Any:
+        """The index over ``panel`` (searched columns) and its jitter: the cached one when
+        ``key`` (the panel tensor, jitter tensor and observed columns) is the last one's."""
         import faiss
 
-        device = query.device
+        cached = self._index
+        if (
+            cached is not None
+            and cached[0] is key[0]
+            and cached[1] is key[1]
+            and torch.equal(cached[2], key[2])
+        ):
+            return cached[3]
         # One extra dimension carries the tie-breaking jitter: query 1, panel jitter.
         xb = torch.cat([panel, jitter[:, None]], 1).float().cpu().numpy()
-        xq = torch.cat([query, torch.ones_like(query[:, :1])], 1).float().cpu().numpy()
         n, d = xb.shape
         if self.index == "flat":
             index = faiss.IndexFlatIP(d)
@@ -136,9 +153,26 @@ class Retriever:
             index.nprobe = self.nprobe
         else:
             index = faiss.IndexHNSWFlat(d, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        device = panel.device
         if device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
         index.add(xb)
+        self._index = (key[0], key[1], key[2].clone(), index)
+        self.index_builds += 1
+        return index
+
+    def _search_faiss(
+        self,
+        query: Tensor,
+        panel: Tensor,
+        jitter: Tensor,
+        exclude: Tensor | None,
+        key: tuple[Tensor, Tensor, Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        device = query.device
+        index = self._faiss_index(panel, jitter, key)
+        xq = torch.cat([query, torch.ones_like(query[:, :1])], 1).float().cpu().numpy()
+        n = panel.shape[0]
         n_excl = 0 if exclude is None else int(exclude.sum(1).max())
         k_search = min(self.k + n_excl, n)
         dist, ids = index.search(xq, k_search)
