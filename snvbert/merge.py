@@ -96,7 +96,7 @@ class _Reader:
                     values = [int(x) for x in item[9:].split("|")]
                 except ValueError:
                     break
-                if len(values) == 4:
+                if len(values) == 5:
                     return values
                 break
         raise SnvbertError(

@@ -22,15 +22,6 @@ def records(path: Path) -> list[list[str]]:
         return [line.rstrip("\n").split("\t") for line in fh if not line.startswith("##")]
 
 
-def dose_sums(info: str) -> np.ndarray:
-    value = next(i for i in info.split(";") if i.startswith("DOSESUMS="))[9:]
-    return np.array([int(x) for x in value.split("|")], dtype=np.float64)
-
-
-def without_sums(info: str) -> str:
-    return ";".join(i for i in info.split(";") if not i.startswith("DOSESUMS="))
-
-
 @pytest.fixture(scope="module")
 def whole(tiny_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("whole") / "whole.vcf.gz"
@@ -46,10 +37,8 @@ def whole(tiny_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_target_batches_merge_into_what_one_run_writes(tmp_path, tiny_sim, whole):
-    """Two batches of people imputed apart (same hmm_err), merged: every sample column, AF and
-    DR2 as one run over all of them writes; the summed DOSESUMS equal one run's to the last
-    unit or two (each P(ALT) on its 2^-24 grid may round the other way when the network ran
-    over another batch's packing)."""
+    """Two batches of people imputed apart (same hmm_err), merged: every record as one run over
+    all of them writes it (AF and DR2 from the summed DOSESUMS)."""
     samples = subprocess.run(
         ["bcftools", "query", "-l", str(tiny_sim / "array.vcf.gz")],
         capture_output=True,
@@ -80,12 +69,7 @@ def test_target_batches_merge_into_what_one_run_writes(tmp_path, tiny_sim, whole
     assert merge(parts, merged) == "batches"
     got, want = records(merged), records(whole)
     assert got[0] == want[0] and len(got) == len(want)  # the #CHROM line: every person, in order
-    for g, w in zip(got[1:], want[1:], strict=True):
-        assert g[:7] == w[:7] and g[8:] == w[8:]  # the site, FORMAT and every sample column
-        assert without_sums(g[7]) == without_sums(w[7])  # AF, DR2, IMP
-        n = len(samples)
-        assert np.abs(dose_sums(g[7]) - dose_sums(w[7]))[:3].max() <= 2 * n * (1 << 25)
-        assert dose_sums(g[7])[3] == dose_sums(w[7])[3]
+    assert got == want  # every record: site, AF, DR2, DOSESUMS, IMP, every sample column
     # bcftools reads it, with its index
     view = subprocess.run(
         ["bcftools", "view", "-H", "-r", "20", str(merged)], capture_output=True, text=True
