@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	@if [ "$(FAISS)" = gpu ]; then other=faiss-cpu; else other=faiss-gpu-cu12; fi; \
 	  $(PIP) uninstall -q -y $$other faiss-gpu faiss-cpu >/dev/null 2>&1 || true
-	$(PIP) install -q -e ".[faiss-$(FAISS),sweep,dev]"
+	$(PIP) install -q -e ".[faiss-$(FAISS),sweep,workflow,cluster,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "snvbert.diagnose": 7,
     "snvbert.demo": 7,
     "snvbert.merge": 7,
+    "snvbert.workflow": 7,  # runs the commands above as Snakemake jobs
     "snvbert.bench": 8,
     "snvbert.pretrained.make": 8,  # trains the shipped model (make pretrained)
 }
