@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -74,6 +76,7 @@ from snvbert.hmm import (
 from snvbert.hmm.readout import PanelReadout
 from snvbert.utils.checkpoint import load_checkpoint
 from snvbert.utils.cli import user_errors_exit
+from snvbert.utils.io import partial_prefix
 from snvbert.utils.progress import progress as progress_bar
 
 log = logging.getLogger("snvbert.impute")
@@ -574,6 +577,7 @@ def impute(
     progress: bool | None = None,
     gp: bool | None = None,
     region: str | None = None,
+    people_block: int | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Impute ``target`` against ``panel`` with the model in ``ckpt``; write ``out``.
@@ -599,7 +603,9 @@ def impute(
     none otherwise; ``train``: the checkpoint's; ``off``: none); ``cache_dir``; ``threads`` the
     CPU threads of torch and the compiled HMM (None: every core); ``progress``; ``gp``
     whether the output carries GP beside GT and DS; ``region`` ``CHR:START-END``, a chunk:
-    only the sites in it are read and written (:mod:`snvbert.merge` ligates chunks). Returns
+    only the sites in it are read and written (:mod:`snvbert.merge` ligates chunks);
+    ``people_block`` target people imputed and written at once (memory is bounded by it, not
+    by the cohort; the blocks are merged into exactly one run's records). Returns
     a summary: site counts by kind and every adjustment.
     """
     setting = filled(
@@ -621,6 +627,7 @@ def impute(
             "progress": progress,
             "gp": gp,
             "region": region,
+            "people_block": people_block,
         },
     )
     batch_size, device, precision = setting["batch_size"], setting["device"], setting["precision"]
@@ -749,34 +756,57 @@ def impute(
         if err is not None:
             log.info("HMM mismatch rate fitted to the targets: %.2g", err)
 
-    probs = predict(
-        model,
-        pan,
-        match.panel_index,
-        calls,
-        query_persons,
-        ref_persons,
-        af,
-        k=k_used,
-        batch_size=int(batch_size),
-        morgans=morgans,
-        hmm_err=err,
-        hmm_ibs=ibs,
-        device=dev,
-        autocast=autocast,
-        progress=progress,
-    )
-    n_written = write_imputed(
-        out,
-        pan,
-        tgt,
-        match,
-        calls,
-        probs,
-        panel_path,
-        command or _api_command(ckpt, panel_path, target_path, out),
-        gp=setting["gp"],
-    )
+    command = command or _api_command(ckpt, panel_path, target_path, out)
+    people_block = int(setting["people_block"])
+    if people_block < 1:
+        raise SnvbertError(f"people_block={people_block} must be at least 1")
+    blocks = [
+        np.arange(i, min(i + people_block, tgt.n_samples))
+        for i in range(0, tgt.n_samples, people_block)
+    ]
+
+    def impute_block(people: np.ndarray, block_out: Path) -> int:
+        """Impute and write the target people ``people`` (indices into the target's)."""
+        cols = np.stack([2 * people, 2 * people + 1], 1).ravel()
+        block_calls = calls[:, cols]
+        probs = predict(
+            model,
+            pan,
+            match.panel_index,
+            block_calls,
+            query_persons[people],
+            ref_persons,
+            af,
+            k=k_used,
+            batch_size=int(batch_size),
+            morgans=morgans,
+            hmm_err=err,
+            hmm_ibs=ibs,
+            device=dev,
+            autocast=autocast,
+            progress=progress,
+        )
+        part = tgt if len(people) == tgt.n_samples else _target_people(tgt, people)
+        return write_imputed(
+            block_out, pan, part, match, block_calls, probs, panel_path, command, gp=setting["gp"]
+        )
+
+    if len(blocks) == 1:
+        n_written = impute_block(blocks[0], out)
+    else:
+        # Memory bounded whatever the cohort: each block of people is imputed and written
+        # apart, then the blocks are merged as target batches are (snvbert.merge), which gives
+        # exactly the records one block of everyone would (tests/test_merge.py).
+        from snvbert.merge import merge
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=partial_prefix(out), suffix=".partial", dir=out.parent))
+        try:
+            parts = [work / f"people{j}.vcf.gz" for j in range(len(blocks))]
+            n_written = [impute_block(b, part) for b, part in zip(blocks, parts, strict=True)][0]
+            merge(parts, out, command=None)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - started
     summary = {
         "out": str(out),
@@ -805,6 +835,17 @@ def impute(
         "seconds": round(seconds, 2),
     }
     return summary
+
+
+def _target_people(tgt: Any, people: np.ndarray) -> Any:
+    """The target restricted to the people ``people`` (indices), all of its sites."""
+    cols = np.stack([2 * people, 2 * people + 1], 1).ravel()
+    return replace(
+        tgt,
+        samples=[tgt.samples[i] for i in people],
+        genotypes=tgt.genotypes[:, cols],
+        phased=tgt.phased[:, people],
+    )
 
 
 def _panel_report(pan: Panel, describe: dict[str, Any], same: bool, n_typed: int) -> dict[str, Any]:
@@ -950,6 +991,7 @@ def main(cfg: DictConfig) -> None:
         progress=cfg.progress,
         gp=cfg.gp,
         region=cfg.region,
+        people_block=cfg.people_block,
         command="python -m snvbert.impute " + " ".join(sys.argv[1:]),
     )
     print(format_summary(summary), flush=True)

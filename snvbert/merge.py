@@ -113,13 +113,15 @@ def _info(fields: list[str], sums: list[int]) -> str:
     return ";".join([info_field(af[0], dr2[0] if has_dr2 else None, sums), *rest])
 
 
-def _header(first: list[str], samples: list[str], command: str) -> list[str]:
+def _header(first: list[str], samples: list[str], command: str | None) -> list[str]:
     lines = [h for h in first[:-1] if not h.startswith("##snvbertMergeCommand=")]
+    if command is not None:
+        lines.append(f"##snvbertMergeCommand={command}")
     fixed = first[-1].split("\t")[:9]
-    return [*lines, f"##snvbertMergeCommand={command}", "\t".join([*fixed, *samples])]
+    return [*lines, "\t".join([*fixed, *samples])]
 
 
-def _merge_batches(readers: list[_Reader], command: str) -> Iterator[str]:
+def _merge_batches(readers: list[_Reader], command: str | None) -> Iterator[str]:
     samples = [s for r in readers for s in r.samples]
     seen: dict[str, Path] = {}
     for r in readers:
@@ -165,7 +167,7 @@ def _chunk_span(reader: _Reader) -> tuple[str, int, int]:
     return chrom, first, last
 
 
-def _ligate(readers: list[_Reader], command: str) -> Iterator[str]:
+def _ligate(readers: list[_Reader], command: str | None) -> Iterator[str]:
     spans = [_chunk_span(r) for r in readers]
     order = sorted(range(len(readers)), key=lambda i: spans[i][1])
     if len({spans[i][0] for i in order if spans[i][1] >= 0}) > 1:
@@ -183,9 +185,13 @@ def _ligate(readers: list[_Reader], command: str) -> Iterator[str]:
                 yield "\t".join(fields) + "\n"
 
 
-def merge(inputs: Sequence[str | Path], out: str | Path, *, command: str | None = None) -> str:
+_DEFAULT = "snvbert.merge"
+
+
+def merge(inputs: Sequence[str | Path], out: str | Path, *, command: str | None = _DEFAULT) -> str:
     """Merge imputed VCFs (target batches or region chunks, see the module doc) into ``out``;
-    returns which kind it merged."""
+    returns which kind it merged. ``command`` is recorded in the header
+    (``##snvbertMergeCommand``; None: nothing added, as imputation's own people blocks)."""
     if len(inputs) < 2:
         raise SnvbertError("give at least two inputs: inputs=[a.vcf.gz,b.vcf.gz]")
     paths = [Path(p) for p in inputs]
@@ -193,7 +199,8 @@ def merge(inputs: Sequence[str | Path], out: str | Path, *, command: str | None 
         if not p.is_file():
             raise SnvbertError("no such file", path=p)
     readers = [_Reader(p) for p in paths]
-    command = command or f"snvbert.merge inputs={[str(p) for p in paths]} out={out}"
+    if command == _DEFAULT:
+        command = f"snvbert.merge inputs=[{','.join(str(p) for p in paths)}] out={out}"
     if all(r.samples == readers[0].samples for r in readers):
         kind, lines = "chunks", _ligate(readers, command)
     elif len({tuple(r.samples) for r in readers}) == len(readers):

@@ -153,3 +153,21 @@ def test_what_cannot_merge_is_one_line(tmp_path, tiny_sim, whole):
         "snvbert: error:"
     )
     assert "Traceback" not in proc.stderr and not (tmp_path / "y.vcf.gz").exists()
+
+
+def test_people_blocks_bound_memory_and_write_one_runs_records(tmp_path, tiny_sim, whole):
+    """people_block=3: the 10 targets imputed and written in four blocks, merged into the
+    records one block of everyone writes; no temporary file or folder is left."""
+    out = tmp_path / "blocks.vcf.gz"
+    impute(
+        None,
+        tiny_sim / "panel.vcf.gz",
+        tiny_sim / "array.vcf.gz",
+        out,
+        cache_dir=tmp_path,
+        people_block=3,
+        **FIXED,
+    )
+    assert records(out) == records(whole)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() or ".partial" in p.name)
+    assert all(not name.endswith(".partial") for name in left), left

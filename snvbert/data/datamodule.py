@@ -141,8 +141,7 @@ class PanelMixtureSampler(Sampler[tuple]):
         self.parts = list(parts)
         first = self.parts[0]
         self.seed, self.stream, self.shuffle = first.seed, first.stream, first.shuffle
-
-        self.skip = 0
+        self.skip = 0  # as WindowBatchSampler's, over the mixed epoch
 
     def set_epoch(self, epoch: int) -> None:
         for part in self.parts:

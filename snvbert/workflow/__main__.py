@@ -16,7 +16,9 @@ from snvbert.workflow import CONFIG, PROFILES, SNAKEFILE
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
-        print(__doc__.strip() + f"\n\nsettings: {CONFIG}\n" + (sys.modules[__package__].__doc__ or ""))
+        print(
+            __doc__.strip() + f"\n\nsettings: {CONFIG}\n" + (sys.modules[__package__].__doc__ or "")
+        )
         return 0
     if importlib.util.find_spec("snakemake") is None:
         raise SnvbertError(
